@@ -1,0 +1,174 @@
+"""Backend discovery and selection for the fused ops.
+
+Backends:
+  ``triton``  Triton kernels from ``dualdiff.kernels``: CUDA tensors, or CPU tensors under
+              ``TRITON_INTERPRET=1`` (how CI tests them; only when forced).
+  ``cuda``    CUDA C++ kernels compiled into ``dualdiff._C`` when nvcc was found at build time.
+  ``cpp``     C++ CPU kernels (OpenMP) of ``dualdiff._C``: CPU tensors.
+  ``torch``   the plain-PyTorch reference: any device.
+
+``DUALDIFF_BACKEND=auto|triton|cuda|cpp|torch`` (read at every call) forces one; forcing a
+backend that the op lacks or that cannot run here raises :class:`BackendUnavailableError`
+saying why. There is never a silent fallback.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from types import ModuleType
+from typing import Sequence
+
+import torch
+
+BACKENDS: tuple[str, ...] = ("triton", "cuda", "cpp", "torch")
+ENV_VAR = "DUALDIFF_BACKEND"
+
+# dtype codes shared with csrc/dualdiff.h (enum class DType).
+DTYPE_CODES: dict[torch.dtype, int] = {
+    torch.float32: 0,
+    torch.float16: 1,
+    torch.bfloat16: 2,
+    torch.uint8: 3,
+    torch.bool: 4,
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was forced (``DUALDIFF_BACKEND`` or ``backend=``) but cannot run."""
+
+
+@functools.lru_cache(maxsize=None)
+def _import_extension() -> tuple[ModuleType | None, str]:
+    try:
+        return importlib.import_module("dualdiff._C"), ""
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        return None, f"dualdiff._C failed to import ({exc}); reinstall with `pip install .`"
+
+
+def extension() -> ModuleType:
+    """The compiled ``dualdiff._C`` module; raises BackendUnavailableError if it is missing."""
+    mod, why = _import_extension()
+    if mod is None:
+        raise BackendUnavailableError(why)
+    return mod
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str:
+    try:
+        importlib.import_module("triton")
+        importlib.import_module("dualdiff.kernels")
+    except ImportError as exc:
+        return f"triton is not importable ({exc})"
+    return ""
+
+
+def triton_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def backend_status(name: str, device_type: str) -> tuple[bool, str]:
+    """(usable, reason) of backend ``name`` for tensors on ``device_type`` ('cpu' or 'cuda')."""
+    if name == "torch":
+        return True, "plain PyTorch reference"
+    if name == "triton":
+        err = _triton_import_error()
+        if err:
+            return False, err
+        if device_type == "cuda":
+            return True, "Triton JIT on the GPU"
+        if triton_interpreter():
+            return True, "Triton interpreter on the CPU (TRITON_INTERPRET=1; slow, for testing)"
+        return False, "Triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU testing)"
+    mod, why = _import_extension()
+    if mod is None:
+        return False, why
+    if name == "cpp":
+        if device_type != "cpu":
+            return False, f"the cpp backend runs on CPU tensors, not {device_type}"
+        threads = mod.openmp_max_threads()
+        return True, f"C++ CPU kernels ({'OpenMP, %d threads' % threads if mod.has_openmp else 'no OpenMP'})"
+    if name == "cuda":
+        if not mod.has_cuda:
+            return False, "dualdiff._C was built without CUDA (no nvcc at build time)"
+        if device_type != "cuda":
+            return False, f"the cuda backend runs on CUDA tensors, not {device_type}"
+        return True, f"CUDA C++ kernels (built for {mod.cuda_archs})"
+    raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+
+
+def forced_backend() -> str | None:
+    """The backend forced by ``DUALDIFF_BACKEND``, or None for auto."""
+    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if value == "auto":
+        return None
+    if value not in BACKENDS:
+        raise BackendUnavailableError(
+            f"{ENV_VAR}={value!r} is not a backend; expected auto or one of {', '.join(BACKENDS)}"
+        )
+    return value
+
+
+def select_backend(
+    op: str,
+    device: torch.device,
+    supported: Sequence[str],
+    prefer: dict[str, Sequence[str]],
+    backend: str | None = None,
+) -> str:
+    """Pick the backend that runs ``op`` on ``device``.
+
+    ``supported``: the backends the op implements. ``prefer``: device type -> order of
+    preference for auto. ``backend`` (an explicit argument) overrides the environment.
+    A forced backend that is unsupported or unusable raises BackendUnavailableError.
+    """
+    device_type = torch.device(device).type
+    forced = backend if backend not in (None, "auto") else forced_backend()
+    if forced is not None:
+        if forced not in BACKENDS:
+            raise BackendUnavailableError(
+                f"backend {forced!r} is not one of auto, {', '.join(BACKENDS)}"
+            )
+        if forced not in supported:
+            raise BackendUnavailableError(
+                f"{op} has no {forced!r} backend (it has: {', '.join(supported)})"
+            )
+        ok, why = backend_status(forced, device_type)
+        if not ok:
+            raise BackendUnavailableError(f"{op}: backend {forced!r} is forced but unusable: {why}")
+        return forced
+    for name in prefer.get(device_type, ("torch",)):
+        if name == "triton" and device_type != "cuda":
+            continue  # the Triton interpreter is for testing: only when forced
+        if name in supported and backend_status(name, device_type)[0]:
+            return name
+    return "torch"
+
+
+def backends() -> dict[str, dict[str, object]]:
+    """What was built and what is usable here, per backend and device type."""
+    mod, why = _import_extension()
+    report: dict[str, dict[str, object]] = {
+        "extension": {
+            "built": mod is not None,
+            "error": why,
+            "cuda_kernels": bool(mod is not None and mod.has_cuda),
+            "cuda_archs": getattr(mod, "cuda_archs", ""),
+            "openmp": bool(mod is not None and mod.has_openmp),
+        },
+        "torch": {"version": torch.__version__, "cuda_available": torch.cuda.is_available()},
+        "forced": {"DUALDIFF_BACKEND": os.environ.get(ENV_VAR, "auto")},
+    }
+    for device_type in ("cpu", "cuda"):
+        report[device_type] = {
+            name: {"usable": ok, "why": why}
+            for name in BACKENDS
+            for ok, why in [backend_status(name, device_type)]
+        }
+    return report
+
+
+def cuda_stream(device: torch.device) -> int:
+    """The current CUDA stream of ``device`` as an integer handle for dualdiff._C."""
+    return torch.cuda.current_stream(device).cuda_stream

@@ -1,0 +1,56 @@
+"""Helpers for testing fast backends against the reference (used by dualdiff's own tests)."""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+import torch
+
+POISON = float("nan")
+
+
+@contextlib.contextmanager
+def forced_backend(name: str) -> Iterator[None]:
+    """Set DUALDIFF_BACKEND=name for the duration of the block."""
+    old = os.environ.get("DUALDIFF_BACKEND")
+    os.environ["DUALDIFF_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("DUALDIFF_BACKEND", None)
+        else:
+            os.environ["DUALDIFF_BACKEND"] = old
+
+
+def poisoned_empty(shape, *, dtype: torch.dtype, device) -> torch.Tensor:
+    """An output buffer full of NaN (or 0xFF bytes for integer dtypes): unwritten elements show."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if out.is_floating_point():
+        out.fill_(POISON)
+    else:
+        out.fill_(-1 if dtype != torch.bool else True)
+    return out
+
+
+def assert_close_lowp(
+    actual: torch.Tensor,
+    reference_fp32: torch.Tensor,
+    naive_lowp: torch.Tensor,
+    *,
+    factor: float = 2.0,
+    atol: float = 1e-5,
+    name: str = "output",
+) -> None:
+    """flash-attention's rule for low precision: the kernel's max error against the fp32
+    reference is at most ``factor`` x the error of plain PyTorch run in the same low
+    precision (plus ``atol`` for outputs where that error is ~0)."""
+    ref = reference_fp32.double()
+    err = (actual.double() - ref).abs().max().item()
+    base = (naive_lowp.double() - ref).abs().max().item()
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    assert err <= factor * base + atol, (
+        f"{name}: error {err:.3e} vs fp32 reference exceeds {factor} x plain-PyTorch "
+        f"low-precision error {base:.3e} (+ atol {atol:.1e})"
+    )
