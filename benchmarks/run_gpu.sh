@@ -13,7 +13,7 @@ mkdir -p "$OUT"
 } 2>&1 | tee "$OUT/env.txt"
 if ls .whl/*.whl >/dev/null 2>&1; then pip install --no-deps --no-index .whl/*.whl 2>&1 | tail -1; fi
 pip install --no-build-isolation --no-deps . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-python -m dualdiff info | tee "$OUT/info.txt"
-python -m pytest tests -x -q -m "cuda" -p no:cacheprovider --import-mode=importlib 2>&1 | tail -30 | tee "$OUT/gpu_tests.txt"
-python -m pytest tests -q -p no:cacheprovider --import-mode=importlib 2>&1 | tail -15 | tee "$OUT/all_tests.txt"
+(cd /tmp && python -m dualdiff info) | tee "$OUT/info.txt"
+pytest tests -x -q -m "cuda" -p no:cacheprovider --import-mode=importlib 2>&1 | tail -30 | tee "$OUT/gpu_tests.txt"
+pytest tests -q -p no:cacheprovider --import-mode=importlib 2>&1 | tail -15 | tee "$OUT/all_tests.txt"
 python benchmarks/gpu_report.py --out "$OUT/gpu_report.json" 2>&1 | tee "$OUT/gpu_report.md"

@@ -41,7 +41,9 @@ def test_triton_on_cpu_needs_interpreter(monkeypatch):
         select_backend("op", torch.device("cpu"), ("triton", "torch"), PREFER)
 
 
-def test_info_command_runs():
-    out = subprocess.run([sys.executable, "-m", "dualdiff", "info"], capture_output=True, text=True, check=True)
+def test_info_command_runs(tmp_path):
+    # cwd outside the checkout, so the installed package is the one imported
+    out = subprocess.run([sys.executable, "-m", "dualdiff", "info"], capture_output=True, text=True,
+                         check=True, cwd=tmp_path)
     assert "dualdiff._C built: True" in out.stdout
     assert "cpp" in out.stdout
