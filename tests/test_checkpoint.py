@@ -1,0 +1,192 @@
+"""Checkpoints: atomic writes under a simulated crash, weights_only loading, clear errors
+for missing / corrupt / foreign / incompatible files, pruning, RNG round trip."""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dualdiff.train import (CheckpointError, TrainConfig, Trainer, atomic_save, latest_checkpoint,
+                            list_checkpoints, load_checkpoint, save_checkpoint)
+from dualdiff.train.checkpoint import find_resumable
+from dualdiff.train.loop import _rng_state, _set_rng_state
+
+
+def _dataset(n=32):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=g)
+    return torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True))
+
+
+def _mlp(width=8):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, width), nn.ReLU(), nn.Linear(width, 1))
+
+
+def mse(model, batch):
+    return ((model(batch[0]) - batch[1]) ** 2).mean()
+
+
+def _trainer(tmp_path, model=None, **kw):
+    cfg = dict(steps=6, batch_size=8, lr=1e-2, out_dir=str(tmp_path), progress=False,
+               checkpoint_every=3, ema_decay=0.9, scheduler="cosine")
+    cfg.update(kw)
+    return Trainer(model or _mlp(), mse, _dataset(), TrainConfig(**cfg))
+
+
+def test_checkpoint_contents_load_with_weights_only(tmp_path):
+    tr = _trainer(tmp_path)
+    tr.fit()
+    path = latest_checkpoint(tmp_path / "checkpoints")
+    assert path.name == "step_00000006.pt"
+    state = torch.load(path, weights_only=True)  # plain torch, no allowlisting needed
+    assert state["step"] == 6 and state["config"]["lr"] == 1e-2
+    for key in ("model", "ema", "optimizer", "scheduler", "rng", "data", "counters"):
+        assert state[key] is not None, key
+    assert set(state["rng"][0]) == {"python", "numpy", "torch", "cuda"}
+    assert state["data"] == {"kind": "dataset", "epoch": 1, "batch_in_epoch": 2}
+    assert (tmp_path / "config.yaml").read_text().startswith("steps: 6")
+
+
+def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    tr = _trainer(tmp_path, steps=6)
+    tr.fit(until=3)
+    good = tmp_path / "checkpoints/step_00000003.pt"
+    good_bytes = good.read_bytes()
+    real_save = torch.save
+
+    def crashing_save(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)  # bytes reach the file, then the "power cut"
+        f.truncate(f.tell() // 2)
+        raise OSError("simulated crash during checkpoint write")
+
+    # crash while overwriting the same file, and while writing the next one
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(OSError, match="simulated crash"):
+        atomic_save({"format": "x"}, good)
+    with pytest.raises(OSError, match="simulated crash"):
+        tr.fit(until=6)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert good.read_bytes() == good_bytes
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_00000003.pt"]
+    assert not [p for p in os.listdir(tmp_path / "checkpoints") if p.endswith(".tmp")]
+    # and the run resumes from it
+    resumed = _trainer(tmp_path, resume="latest")
+    assert resumed.step == 3
+    resumed.fit()
+    assert resumed.step == 6 and latest_checkpoint(tmp_path / "checkpoints").name == "step_00000006.pt"
+
+
+def test_crash_at_rename_keeps_previous(tmp_path, monkeypatch):
+    path = tmp_path / "c.pt"
+    atomic_save({"a": torch.ones(3)}, path)
+
+    def bad_replace(src, dst):
+        raise OSError("simulated crash before rename")
+
+    monkeypatch.setattr(os, "replace", bad_replace)
+    with pytest.raises(OSError):
+        atomic_save({"a": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["c.pt"]
+
+
+def _make_valid(tmp_path):
+    tr = _trainer(tmp_path / "run", steps=3)
+    tr.fit()
+    return latest_checkpoint(tmp_path / "run/checkpoints")
+
+
+class Foreign:
+    pass
+
+
+@pytest.mark.parametrize("kind, exc, needle", [
+    ("missing", FileNotFoundError, "does not exist; checkpoints in"),
+    ("empty", CheckpointError, "is empty (0 bytes)"),
+    ("truncated", CheckpointError, "corrupt or truncated"),
+    ("garbage", CheckpointError, "corrupt or truncated"),
+    ("pickle_class", CheckpointError, "weights_only loading refuses"),
+    ("tensor", CheckpointError, "holds a Tensor"),
+    ("foreign_dict", CheckpointError, "is not a dualdiff training checkpoint"),
+    ("future_version", CheckpointError, "format version 99"),
+    ("directory", CheckpointError, "is a directory"),
+])
+def test_bad_checkpoint_files_give_clear_errors(tmp_path, kind, exc, needle):
+    valid = _make_valid(tmp_path)
+    bad = valid.parent / "step_00000099.pt"
+    if kind == "empty":
+        bad.write_bytes(b"")
+    elif kind == "truncated":
+        bad.write_bytes(valid.read_bytes()[: valid.stat().st_size // 2])
+    elif kind == "garbage":
+        bad.write_bytes(os.urandom(1000))
+    elif kind == "pickle_class":
+        torch.save({"format": "x", "obj": Foreign()}, bad)
+    elif kind == "tensor":
+        torch.save(torch.ones(2), bad)
+    elif kind == "foreign_dict":
+        torch.save({"state_dict": {}}, bad)
+    elif kind == "future_version":
+        state = torch.load(valid, weights_only=True)
+        state["version"] = 99
+        torch.save(state, bad)
+    elif kind == "directory":
+        bad.mkdir()
+    with pytest.raises(exc) as e:
+        load_checkpoint(bad)
+    assert needle in str(e.value) and "step_00000099.pt" in str(e.value)
+    # resume='latest' skips a corrupt newest checkpoint with a warning, uses the good one
+    if kind in ("truncated", "garbage", "empty"):
+        with pytest.warns(RuntimeWarning, match="skipping unreadable checkpoint"):
+            path, _ = find_resumable(valid.parent)
+        assert path == valid
+
+
+def test_incompatible_checkpoints(tmp_path):
+    valid = _make_valid(tmp_path)
+    with pytest.raises(CheckpointError, match="(?s)does not fit this model.*size mismatch"):
+        _trainer(tmp_path / "other", model=_mlp(width=16), resume=str(valid))
+    with pytest.raises(CheckpointError, match="OneCycleLR.*LambdaLR|LambdaLR.*OneCycleLR"):
+        _trainer(tmp_path / "other2", resume=str(valid), scheduler="onecycle")
+    with pytest.raises(CheckpointError, match="data of kind 'dataset'"):
+        Trainer(_mlp(), mse, lambda i, g: (torch.randn(8, 4), torch.randn(8, 1)),
+                TrainConfig(steps=6, batch_size=8, out_dir=str(tmp_path / "o3"), progress=False,
+                            ema_decay=0.9, scheduler="cosine", resume=str(valid)))
+    with pytest.raises(CheckpointError, match="beyond config.steps=2"):
+        _trainer(tmp_path / "o4", resume=str(valid), steps=2)
+    with pytest.raises(FileNotFoundError, match="resume='latest' but no checkpoint"):
+        _trainer(tmp_path / "empty", resume="latest")
+    assert _trainer(tmp_path / "fresh", resume="auto").step == 0
+    with pytest.warns(RuntimeWarning, match="changed config: batch_size"):
+        Trainer(_mlp(), mse, _dataset(), TrainConfig(
+            steps=6, batch_size=4, lr=1e-2, out_dir=str(tmp_path / "o5"), progress=False,
+            ema_decay=0.9, scheduler="cosine", resume=str(valid)))
+
+
+def test_keep_last_prunes_old_checkpoints(tmp_path):
+    for step in (1, 2, 3, 4, 5):
+        save_checkpoint({"model": {}}, tmp_path, step, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000004.pt", "step_00000005.pt"]
+    assert load_checkpoint(latest_checkpoint(tmp_path))["step"] == 5
+
+
+def test_rng_state_round_trip(tmp_path):
+    torch.manual_seed(1)
+    np.random.seed(1)
+    random.seed(1)
+    np.random.randn()  # leave a cached gaussian in numpy's legacy state
+    atomic_save(_rng_state(), tmp_path / "rng.pt")
+    state = torch.load(tmp_path / "rng.pt", weights_only=True)  # must survive weights_only
+    a = (torch.rand(3), np.random.randn(3), random.random())
+    torch.manual_seed(99)
+    np.random.seed(99)
+    random.seed(99)
+    _set_rng_state(state)
+    b = (torch.rand(3), np.random.randn(3), random.random())
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
