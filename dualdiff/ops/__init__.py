@@ -1,11 +1,13 @@
 """Fused ops: each module holds the plain-PyTorch reference (the specification), the
 ``torch.library`` custom op and the backend dispatch."""
+from dualdiff.ops.weighted_dice import weighted_dice_loss, weighted_dice_loss_reference
 from dualdiff.ops.timestep_embedding import (DualTimestepEmbedding, DualTimestepEmbeddingReference,
                                              dual_timestep_embedding,
                                              dual_timestep_embedding_reference,
                                              sinusoidal_embedding, timestep_frequencies)
 
 __all__ = [
+    "weighted_dice_loss", "weighted_dice_loss_reference",
     "DualTimestepEmbedding", "DualTimestepEmbeddingReference", "dual_timestep_embedding",
     "dual_timestep_embedding_reference", "sinusoidal_embedding", "timestep_frequencies",
 ]
