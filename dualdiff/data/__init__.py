@@ -1,6 +1,9 @@
-"""Data sets: toy 2-D point sets (more to come: image folders, synthetic data)."""
+"""Data sets: images (embedded procedural default, image folders, Hugging Face AFHQ) and the
+toy 2-D point sets."""
 from __future__ import annotations
 
+from dualdiff.data.images import (DatasetUnavailableError, ImageFolderDataset,
+                                  ProceduralDualScaleImages, dual_scale_views, hf_afhq)
 from dualdiff.data.toy2d import (
     DATASAURUS_SHA256,
     DATASAURUS_URL,
@@ -11,6 +14,8 @@ from dualdiff.data.toy2d import (
 )
 
 __all__ = [
+    "DatasetUnavailableError", "ImageFolderDataset", "ProceduralDualScaleImages",
+    "dual_scale_views", "hf_afhq",
     "DATASAURUS_SHA256",
     "DATASAURUS_URL",
     "TOY2D_DATASETS",

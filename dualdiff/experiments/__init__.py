@@ -1,0 +1,1 @@
+"""Experiments: one module per experiment (config dataclass + train / evaluate / analyse entry points)."""

@@ -1,0 +1,333 @@
+"""LIFT experiment: configuration, training and checkpoint loading.
+
+Training objective (per batch of clean 64x64 images x64 and their area-downsampled 32x32
+views x32, :func:`dualdiff.data.images.dual_scale_views`):
+
+    t64, t32 ~ U{0..T-1} independently per sample (the same draw when shared_timesteps)
+    ε64, ε32 ~ N(0, I);   x_t = sqrt(ᾱ_t) x + sqrt(1 - ᾱ_t) ε   at each scale
+    (ε̂64, ε̂32) = model(x64_t, x32_t, t64, t32)
+    loss = MSE(ε̂64, ε64) + MSE(ε̂32, ε32)        (each MSE a mean over its elements)
+
+The **sum** of the two per-scale means is the experiment's public code (``loss_64 + loss_32``);
+``loss_reduction="mean"`` halves it. ``model_kind="single"`` trains the single-scale baseline
+(:class:`dualdiff.models.lift.SingleScaleUNet`) with ``MSE(ε̂64, ε64)`` on the same data.
+
+Defaults follow the public code (``train_lift.py`` / ``train_lift_ema.py``): AdamW, lr 1e-4,
+weight decay 0.01, gradient clipping at 1.0, batch 64, EMA 0.9999, cosine β schedule with
+T = 1000 as the public code builds it (``"lift_cosine"``: its DDIM scheduler clips the cosine
+betas to [1e-4, 0.02]; this is the schedule behind the seed's γ <-> t anchors, see
+:func:`dualdiff.diffusion.snr_to_timestep`; ``schedule="cosine"`` is the textbook one), and
+cosine LR decay to ``min_lr`` = 1e-6 over the run — stepped per optimizer step (the public
+script steps its CosineAnnealingLR once per epoch with T_max = epochs x batches, so its LR
+barely decays: a defect not reproduced). 32x32 views by area averaging (the public code uses
+bilinear interpolation, which for an exact 2x reduction is the same 2x2 mean:
+``data.downsample="bilinear"``). Training runs through :class:`dualdiff.train.Trainer` (AMP,
+compile, EMA, atomic checkpoints, exact resume, DDP under torchrun).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dualdiff.data.images import (ImageFolderDataset, ProceduralDualScaleImages, dual_scale_views,
+                                  hf_afhq)
+from dualdiff.diffusion import NoiseSchedule, make_schedule, q_sample
+from dualdiff.models.lift import LIFTDualTimestepModel, LIFTModelConfig, SingleScaleUNet
+from dualdiff.utils.seed import derive_seed
+from dualdiff.train import (CheckpointError, TrainConfig, Trainer, latest_checkpoint,
+                            load_checkpoint)
+
+__all__ = ["LIFTDataConfig", "LIFTConfig", "LIFT_PRESETS", "LIFTLoss", "lift_loss",
+           "single_scale_loss", "build_lift_model", "build_lift_dataset", "build_lift_schedule",
+           "train_lift", "load_lift_model", "resolve_checkpoint"]
+
+log = logging.getLogger("dualdiff.lift")
+
+
+@dataclass
+class LIFTDataConfig:
+    """Training images. ``source``: ``procedural`` (embedded default, ``num_images`` images from
+    ``seed``), ``folder`` (every image under ``path``), ``afhq`` (Hugging Face ``huggan/AFHQv2``,
+    ``split``, ``cache_dir``). ``downsample``: how the 32x32 view is made (area | bilinear)."""
+    source: Literal["procedural", "folder", "afhq"] = "procedural"
+    path: str | None = None
+    num_images: int = 10000
+    seed: int = 0
+    split: str = "train"
+    cache_dir: str | None = None
+    image_size: int = 64
+    downsample: Literal["area", "bilinear"] = "area"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.source == "folder" and not self.path:
+            raise ValueError("data.path is required when data.source is 'folder'")
+        if self.num_images <= 0:
+            raise ValueError(f"data.num_images must be > 0, got {self.num_images}")
+        if self.image_size <= 0 or self.image_size % 2:
+            raise ValueError(f"data.image_size must be a positive even int, got {self.image_size}")
+
+
+def _default_train() -> TrainConfig:
+    # ~30 epochs of AFHQ-64 train (~14.6 k images) at batch 64, as the public train_lift.py
+    return TrainConfig(steps=7000, batch_size=64, lr=1e-4, optimizer="adamw", weight_decay=0.01,
+                       scheduler="cosine", min_lr_ratio=0.01, grad_clip=1.0, ema_decay=0.9999,
+                       checkpoint_every=1000, out_dir="runs/lift", log_every=10)
+
+
+@dataclass
+class LIFTConfig:
+    """The whole LIFT run (YAML / ``key=value`` overridable through :mod:`dualdiff.config`).
+
+    ``schedule`` / ``T``: noise schedule name (:func:`dualdiff.diffusion.make_schedule`) and
+    number of timesteps; ``shared_timesteps``: one t for both scales instead of independent
+    ones; ``loss_reduction``: ``sum`` (public code) or ``mean`` of the two per-scale MSEs;
+    ``min_lr``: final LR of the cosine decay (sets ``train.min_lr_ratio = min_lr / train.lr``
+    at training time; None keeps ``train.min_lr_ratio``); ``model_kind``: ``dual`` (LIFT) or
+    ``single`` (the single-scale baseline).
+    """
+    model: LIFTModelConfig = field(default_factory=LIFTModelConfig)
+    data: LIFTDataConfig = field(default_factory=LIFTDataConfig)
+    train: TrainConfig = field(default_factory=_default_train)
+    schedule: str = "lift_cosine"
+    T: int = 1000
+    shared_timesteps: bool = False
+    loss_reduction: Literal["sum", "mean"] = "sum"
+    min_lr: float | None = 1e-6
+    model_kind: Literal["dual", "single"] = "dual"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.T < 2:
+            raise ValueError(f"T must be >= 2, got {self.T}")
+        if self.data.image_size != self.model.image_size:
+            raise ValueError(f"data.image_size ({self.data.image_size}) must equal "
+                             f"model.image_size ({self.model.image_size})")
+        if self.min_lr is not None and not 0.0 <= self.min_lr <= self.train.lr:
+            raise ValueError(f"min_lr must be in [0, train.lr={self.train.lr}], got {self.min_lr}")
+        from dualdiff.diffusion import SCHEDULES
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+
+    @classmethod
+    def tiny(cls) -> "LIFTConfig":
+        """CPU demo / tests: ~0.24 M-parameter model, 1024 procedural images, 300 steps of 16."""
+        train = TrainConfig(steps=300, batch_size=16, lr=2e-3, optimizer="adamw", weight_decay=0.01,
+                            scheduler="cosine", min_lr_ratio=0.01, grad_clip=1.0, ema_decay=0.99,
+                            checkpoint_every=0, out_dir="runs/lift-tiny", log_every=10,
+                            progress=False)
+        return cls(model=LIFTModelConfig.tiny(), data=LIFTDataConfig(num_images=1024),
+                   train=train, min_lr=2e-5)
+
+
+LIFT_PRESETS: dict[str, Any] = {"default": LIFTConfig(), "tiny": LIFTConfig.tiny()}
+
+
+# ---------------------------------------------------------------------------------------
+# builders
+
+
+def build_lift_model(config: LIFTConfig) -> nn.Module:
+    """The model ``config.model_kind`` asks for, freshly initialised."""
+    if config.model_kind == "single":
+        return SingleScaleUNet(config.model)
+    return LIFTDualTimestepModel(config.model)
+
+
+def build_lift_schedule(config: LIFTConfig) -> NoiseSchedule:
+    return make_schedule(config.schedule, config.T)
+
+
+def build_lift_dataset(data: LIFTDataConfig) -> torch.utils.data.Dataset:
+    """The training images of ``data`` (float32 [3, S, S] in [-1, 1])."""
+    if data.source == "procedural":
+        return ProceduralDualScaleImages(data.num_images, seed=data.seed, size=data.image_size)
+    if data.source == "folder":
+        return ImageFolderDataset(data.path, size=data.image_size)
+    if data.source == "afhq":
+        return hf_afhq(data.split, data.cache_dir, size=data.image_size)
+    raise ValueError(f"unknown data.source {data.source!r}")  # pragma: no cover - Literal-checked
+
+
+# ---------------------------------------------------------------------------------------
+# losses
+
+
+def _split_batch(batch, downsample: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(batch, (tuple, list)):
+        if len(batch) != 2:
+            raise ValueError(f"batch must be x64 or (x64, x32), got a sequence of {len(batch)}")
+        return batch[0], batch[1]
+    if isinstance(batch, dict):
+        batch = batch.get("image", batch.get("x64"))
+    return dual_scale_views(batch, mode=downsample)
+
+
+def lift_loss(model: nn.Module, batch, schedule: NoiseSchedule, shared_timesteps: bool = False,
+              reduction: str = "sum", downsample: str = "area"
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """ε-prediction loss of a dual-scale model on one batch (module docstring).
+
+    ``batch``: clean images ``[B, 3, 64, 64]`` (the 32x32 view is made with ``downsample``) or
+    a pair ``(x64, x32)``. Timesteps and noise come from the global torch RNG (checkpointed by
+    the Trainer, so resume is exact). Returns ``(loss, {"loss_64", "loss_32"})``; the MSEs are
+    computed in float32 (also under autocast).
+    """
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    x64, x32 = _split_batch(batch, downsample)
+    b, T, dev = x64.shape[0], schedule.num_timesteps, x64.device
+    t64 = torch.randint(0, T, (b,), device=dev)
+    t32 = t64 if shared_timesteps else torch.randint(0, T, (b,), device=dev)
+    n64, n32 = torch.randn_like(x64), torch.randn_like(x32)
+    xt64 = q_sample(x64, t64, n64, schedule)
+    xt32 = q_sample(x32, t32, n32, schedule)
+    e64, e32 = model(xt64, xt32, t64, t32)
+    l64 = F.mse_loss(e64.float(), n64.float())
+    l32 = F.mse_loss(e32.float(), n32.float())
+    loss = l64 + l32 if reduction == "sum" else 0.5 * (l64 + l32)
+    return loss, {"loss_64": l64.detach(), "loss_32": l32.detach()}
+
+
+def single_scale_loss(model: nn.Module, batch, schedule: NoiseSchedule
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """ε-prediction MSE of a single-scale model ``model(x_t, t)`` on the 64x64 images."""
+    x64 = batch[0] if isinstance(batch, (tuple, list)) else batch
+    t = torch.randint(0, schedule.num_timesteps, (x64.shape[0],), device=x64.device)
+    noise = torch.randn_like(x64)
+    l64 = F.mse_loss(model(q_sample(x64, t, noise, schedule), t).float(), noise.float())
+    return l64, {"loss_64": l64.detach()}
+
+
+class LIFTLoss:
+    """``loss_fn(model, batch)`` for the Trainer: :func:`lift_loss` (or
+    :func:`single_scale_loss`) with the schedule's tables kept on the batch's device."""
+
+    def __init__(self, schedule: NoiseSchedule, shared_timesteps: bool = False,
+                 reduction: str = "sum", downsample: str = "area", model_kind: str = "dual"):
+        self.schedule, self.shared_timesteps = schedule, shared_timesteps
+        self.reduction, self.downsample, self.model_kind = reduction, downsample, model_kind
+        self._on: dict[torch.device, NoiseSchedule] = {}
+
+    def _schedule_on(self, device: torch.device) -> NoiseSchedule:
+        if device not in self._on:
+            self._on[device] = self.schedule.to(device)
+        return self._on[device]
+
+    def __call__(self, model: nn.Module, batch):
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        sched = self._schedule_on(x.device)
+        if self.model_kind == "single":
+            return single_scale_loss(model, batch, sched)
+        return lift_loss(model, batch, sched, self.shared_timesteps, self.reduction, self.downsample)
+
+
+# ---------------------------------------------------------------------------------------
+# training and loading
+
+
+def _prepared(config: LIFTConfig, out_dir, resume) -> LIFTConfig:
+    if not isinstance(config, LIFTConfig):
+        raise TypeError(f"config must be a LIFTConfig, got {type(config).__name__}")
+    cfg = copy.deepcopy(config)
+    cfg.train.out_dir = str(out_dir)
+    if resume is True:
+        cfg.train.resume = "latest"
+    elif resume is False or resume is None:
+        cfg.train.resume = None
+    elif isinstance(resume, (str, os.PathLike)):
+        cfg.train.resume = str(resume)
+    else:
+        raise TypeError(f"resume must be a bool, 'auto', 'latest' or a checkpoint path, got {resume!r}")
+    if cfg.min_lr is not None:
+        cfg.train.min_lr_ratio = cfg.min_lr / cfg.train.lr
+    cfg.validate()
+    cfg.train.validate()
+    return cfg
+
+
+def train_lift(config: LIFTConfig, out_dir: str | os.PathLike, resume: bool | str = False, *,
+               dataset: torch.utils.data.Dataset | None = None, eval_fn=None,
+               until: int | None = None, verbose: bool = True) -> Trainer:
+    """Train (or continue) a LIFT run in ``out_dir`` with :class:`dualdiff.train.Trainer`.
+
+    ``resume``: False (fresh), True (latest checkpoint in ``out_dir/checkpoints``; must exist),
+    ``"auto"`` (latest if any) or a checkpoint path. ``dataset`` overrides ``config.data``;
+    ``until`` stops at that step (simulated preemption). Checkpoints store the whole config
+    (``run_config``), so :func:`load_lift_model` rebuilds the model from the file alone.
+    Returns the (closed) trainer: ``trainer.history`` holds the logged records,
+    ``trainer.ema_model`` the EMA weights.
+    """
+    cfg = _prepared(config, out_dir, resume)
+    data = dataset if dataset is not None else build_lift_dataset(cfg.data)
+    torch.manual_seed(derive_seed(cfg.train.seed, "lift-init"))  # reproducible initial weights
+    model = build_lift_model(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    if verbose:
+        print(f"LIFT {cfg.model_kind}-scale model: {n:,} parameters; {len(data):,} training images")
+    log.info("LIFT %s model with %d parameters", cfg.model_kind, n)
+    loss_fn = LIFTLoss(build_lift_schedule(cfg), cfg.shared_timesteps, cfg.loss_reduction,
+                       cfg.data.downsample, cfg.model_kind)
+    trainer = Trainer(model, loss_fn, data, cfg.train, eval_fn=eval_fn, run_config=cfg)
+    try:
+        trainer.fit(until=until)
+    finally:
+        trainer.close()
+    return trainer
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint file from a file, a run directory or its ``checkpoints`` folder (latest)."""
+    p = Path(path)
+    if p.is_dir():
+        for d in (p, p / "checkpoints"):
+            found = latest_checkpoint(d)
+            if found is not None:
+                return found
+        raise FileNotFoundError(f"no checkpoint (step_*.pt) in {str(p)!r} or {str(p / 'checkpoints')!r}")
+    return p
+
+
+def load_lift_model(checkpoint_path: str | os.PathLike, ema: bool = True,
+                    map_location: Any = "cpu") -> tuple[nn.Module, LIFTConfig]:
+    """``(model, config)`` from a checkpoint written by :func:`train_lift` (file or run dir).
+
+    Loads with ``torch.load(weights_only=True)``; rebuilds the model from the stored config;
+    takes the EMA weights when ``ema`` and the checkpoint has them (otherwise the raw weights,
+    with a warning if EMA was asked for). The model is returned in eval mode on ``map_location``.
+    """
+    from dualdiff.config import from_dict
+    path = resolve_checkpoint(checkpoint_path)
+    state = load_checkpoint(path, map_location=map_location)
+    run = state.get("run_config")
+    if not run or "model" not in run:
+        raise CheckpointError(f"checkpoint {str(path)!r} has no LIFT run config: was it written by train_lift?")
+    cfg = from_dict(LIFTConfig, run)
+    model = build_lift_model(cfg)
+    weights = state["model"]
+    if ema:
+        if state.get("ema") is not None:
+            weights = state["ema"]["model"]
+        else:
+            warnings.warn(f"checkpoint {str(path)!r} has no EMA weights; loading the raw weights",
+                          RuntimeWarning, stacklevel=2)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit the model its config describes: {e}") from e
+    if map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
+        model = model.to(map_location)
+    return model.eval(), cfg
