@@ -1,5 +1,6 @@
 """Fused ops: each module holds the plain-PyTorch reference (the specification), the
 ``torch.library`` custom op and the backend dispatch."""
+from dualdiff.ops.vae_loss import gaussian_kl, gaussian_kl_reference, vae_loss, vae_loss_reference
 from dualdiff.ops.weighted_dice import weighted_dice_loss, weighted_dice_loss_reference
 from dualdiff.ops.timestep_embedding import (DualTimestepEmbedding, DualTimestepEmbeddingReference,
                                              dual_timestep_embedding,
@@ -8,6 +9,7 @@ from dualdiff.ops.timestep_embedding import (DualTimestepEmbedding, DualTimestep
 
 __all__ = [
     "weighted_dice_loss", "weighted_dice_loss_reference",
+    "vae_loss", "vae_loss_reference", "gaussian_kl", "gaussian_kl_reference",
     "DualTimestepEmbedding", "DualTimestepEmbeddingReference", "dual_timestep_embedding",
     "dual_timestep_embedding_reference", "sinusoidal_embedding", "timestep_frequencies",
 ]
