@@ -1,4 +1,4 @@
-"""Benchmarks of dualdiff.ops.vae_loss, forward + backward (gradients of recon_logits, mu, logvar).
+"""Benchmarks of dualdiff.ops.vae, forward + backward (gradients of recon_logits, mu, logvar).
 
     pytest benchmarks/bench_vae_loss.py --benchmark-only   # pytest-benchmark table (CPU; CUDA if present)
     python benchmarks/bench_vae_loss.py                    # CPU: interleaved timings and ratios side by side
@@ -8,7 +8,7 @@ Variants, all on the same inputs, each call = forward + torch.autograd.grad (no 
              KL summed over the latent and averaged over the batch (the issue's baseline)
   eager_ref  vae_loss_reference (the specification: softplus form from the logits)
   compile    torch.compile(vae_loss_reference) (default inductor)
-  cpp / triton / cuda   dualdiff.ops.vae_loss with the backend forced
+  cpp / triton / cuda   dualdiff.ops.vae with the backend forced
 Targets (issue 2): H100, [64, 3, 224, 224] + latent [64, 256] fp32: >= 6x faster than eager
 (630 µs measured there). CPU (2 cores): cpp >= 2x faster than eager.
 Minimum bytes (forward reads logits + x, backward reads logits + x and writes the gradient; the
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from dualdiff._backend import backend_status
-from dualdiff.ops.vae_loss import vae_loss, vae_loss_reference
+from dualdiff.ops.vae import vae_loss, vae_loss_reference
 
 CPU_SHAPE, CPU_LATENT = (16, 3, 64, 64), 256
 GPU_SHAPE, GPU_LATENT = (64, 3, 224, 224), 256

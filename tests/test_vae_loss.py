@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import dualdiff.ops.vae_loss as V
+import dualdiff.ops.vae as V
 from dualdiff._backend import BackendUnavailableError, backend_status
-from dualdiff.ops.vae_loss import gaussian_kl, gaussian_kl_reference, vae_loss, vae_loss_reference
+from dualdiff.ops.vae import gaussian_kl, gaussian_kl_reference, vae_loss, vae_loss_reference
 from dualdiff.testing import assert_close_lowp, forced_backend, poisoned_empty
 
 HAS_CUDA = torch.cuda.is_available()
@@ -426,7 +426,7 @@ _COMPILE_SCRIPT = r"""
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import dualdiff.kernels.vae_loss as K
+import dualdiff.kernels.vae as K
 
 target = GPUTarget("cuda", 90, 32)
 # what the JIT specialises on for the target shape: 16-byte aligned pointers, N % 16 == 0

@@ -87,7 +87,7 @@ def _forward(backend: str, recon_logits: Tensor | None, x: Tensor | None, mu: Te
     recon_scale, kl_scale = _scales(recon_logits, mu, reduction)
     has_recon = recon_logits is not None
     if backend == "triton":
-        from dualdiff.kernels import vae_loss as K
+        from dualdiff.kernels import vae as K
 
         K.vae_loss_forward(recon_logits, x, mu, logvar, total, rec, kl, recon_scale=recon_scale,
                            kl_scale=kl_scale, kl_weight=kl_weight, mse=mse)
@@ -138,7 +138,7 @@ def _backward(backend: str, recon_logits: Tensor | None, x: Tensor | None, mu: T
     has_recon = recon_logits is not None
     recon_scale, kl_scale = _scales(recon_logits, mu, reduction)
     if backend == "triton":
-        from dualdiff.kernels import vae_loss as K
+        from dualdiff.kernels import vae as K
 
         g_l = _empty_like(recon_logits) if has_recon else None
         g_mu, g_lv = _empty_like(mu), _empty_like(logvar)
