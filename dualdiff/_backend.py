@@ -112,7 +112,7 @@ def forced_backend() -> str | None:
 
 def select_backend(
     op: str,
-    device: torch.device,
+    device: torch.device | str,
     supported: Sequence[str],
     prefer: dict[str, Sequence[str]],
     backend: str | None = None,
@@ -122,8 +122,17 @@ def select_backend(
     ``supported``: the backends the op implements. ``prefer``: device type -> order of
     preference for auto. ``backend`` (an explicit argument) overrides the environment.
     A forced backend that is unsupported or unusable raises BackendUnavailableError.
+    Safe to call while torch.compile traces: the choice is then made once, at trace time.
     """
     device_type = torch.device(device).type
+    return _select(op, device_type, tuple(supported), tuple(prefer.get(device_type, ("torch",))),
+                   backend)
+
+
+@torch.compiler.assume_constant_result
+def _select(op: str, device_type: str, supported: tuple[str, ...], order: tuple[str, ...],
+            backend: str | None) -> str:
+    # Runs eagerly even under dynamo (it imports the extension, which dynamo will not trace).
     forced = backend if backend not in (None, "auto") else forced_backend()
     if forced is not None:
         if forced not in BACKENDS:
@@ -138,7 +147,7 @@ def select_backend(
         if not ok:
             raise BackendUnavailableError(f"{op}: backend {forced!r} is forced but unusable: {why}")
         return forced
-    for name in prefer.get(device_type, ("torch",)):
+    for name in order:
         if name == "triton" and device_type != "cuda":
             continue  # the Triton interpreter is for testing: only when forced
         if name in supported and backend_status(name, device_type)[0]:

@@ -277,10 +277,8 @@ def _prepare_timesteps(t0, t1, device: torch.device):
     return t0, t1
 
 
-@torch.compiler.assume_constant_result
 def _select(device_type: str, backend: str | None) -> str:
-    return select_backend("dual_timestep_embedding", torch.device(device_type), SUPPORTED, PREFER,
-                          backend)
+    return select_backend("dual_timestep_embedding", device_type, SUPPORTED, PREFER, backend)
 
 
 _SELECTED: dict = {}

@@ -259,12 +259,6 @@ _gaussian_kl_fwd.register_autograd(_kl_backward, setup_context=_kl_setup_context
 
 
 # ----------------------------------------------------------------------------- public API
-@torch.compiler.assume_constant_result
-def _pick_backend(op: str, device_type: str, backend: str | None) -> str:
-    """select_backend, evaluated once at trace time under torch.compile (a constant there)."""
-    return select_backend(op, torch.device(device_type), SUPPORTED, PREFER, backend)
-
-
 def _check_latents(mu: object, logvar: object) -> None:
     check_tensor("mu", mu, dtypes=FLOAT_DTYPES, ndim=2)
     check_tensor("logvar", logvar, dtypes=FLOAT_DTYPES, ndim=2)
@@ -297,7 +291,7 @@ def gaussian_kl(mu: Tensor, logvar: Tensor, *, reduction: str = "mean",
     _check_latents(mu, logvar)
     check_same_device({"mu": mu, "logvar": logvar})
     _check_reduction(reduction)
-    name = _pick_backend("gaussian_kl", mu.device.type, backend)
+    name = select_backend("gaussian_kl", mu.device, SUPPORTED, PREFER, backend)
     if name == "torch":
         return gaussian_kl_reference(mu, logvar, reduction)
     return _gaussian_kl_fwd(mu.contiguous(), logvar.contiguous(), reduction, name)
@@ -348,7 +342,7 @@ def vae_loss(recon_logits: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *,
         raise TypeError(f"recon must be a str, got {type(recon).__name__}")
     check_choice("recon", recon, RECON_KINDS)
     _check_reduction(reduction)
-    name = _pick_backend("vae_loss", recon_logits.device.type, backend)
+    name = select_backend("vae_loss", recon_logits.device, SUPPORTED, PREFER, backend)
     x = x.detach()
     if name == "torch":
         return vae_loss_reference(recon_logits, x, mu, logvar, kl_weight, recon, reduction)

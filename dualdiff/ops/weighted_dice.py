@@ -362,13 +362,6 @@ class _WeightedDiceEager(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------- public API
-@torch.compiler.assume_constant_result
-def _select(device_type: str, backend: Optional[str]) -> str:
-    """select_backend, run eagerly even while dynamo traces (it imports the extension, which
-    dynamo refuses to trace); under torch.compile the choice is fixed at trace time."""
-    return select_backend("weighted_dice_loss", torch.device(device_type), SUPPORTED, PREFER, backend)
-
-
 def weighted_dice_loss(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -427,7 +420,7 @@ def weighted_dice_loss(
     if not include_background and C == 1:
         warnings.warn("single channel prediction, include_background=False ignored (as in MONAI)", stacklevel=2)
     c0 = _c0(C, include_background)
-    chosen = _select(device.type, backend)
+    chosen = select_backend("weighted_dice_loss", device, SUPPORTED, PREFER, backend)
     if chosen == "cuda" and activation == "softmax" and C > CUDA_SOFTMAX_MAX_C:
         raise ValueError(f"input: the cuda backend supports softmax over at most {CUDA_SOFTMAX_MAX_C} "
                          f"channels, got C={C}; use the triton or torch backend")
