@@ -6,6 +6,12 @@ import json
 import sys
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _info(args: argparse.Namespace) -> int:
     from dualdiff import backends
 
@@ -28,12 +34,37 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ops_check(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from dualdiff.ops_check import format_rows, run_checks
+
+    rows = run_checks(args.device, iters=args.iters)
+    if args.json:
+        print(json.dumps([asdict(r) for r in rows], indent=2))
+    else:
+        print(format_rows(rows))
+    bad = [r for r in rows if not r.ok]
+    if bad:
+        print(f"{len(bad)} op/backend pairs disagree with the reference", file=sys.stderr)
+    return 1 if bad else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dualdiff", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="report what was built and which backends are usable")
     info.add_argument("--json", action="store_true", help="print the report as JSON")
     info.set_defaults(func=_info)
+    check = sub.add_parser("ops-check", help="run every fused op on every usable backend against its reference, timed")
+    check.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda (default: cuda if available)")
+    check.add_argument("--iters", type=int, default=10, help="timed repetitions per backend")
+    check.add_argument("--json", action="store_true", help="print the rows as JSON")
+    check.set_defaults(func=_ops_check)
+
+    from dualdiff.cli_toy2d import register_toy2d_commands
+
+    register_toy2d_commands(sub)
     return parser
 
 

@@ -90,6 +90,8 @@ class TrainConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
     grad_clip: float | None = None  # max global L2 norm; None or 0 = no clipping
+    # (a model defining clip_grad_norm_(max_norm) -> scalar norm tensor clips itself instead,
+    # e.g. dualdiff.models.StackedModels clips each stacked member separately)
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     compile: bool = False
     compile_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -804,7 +806,10 @@ class Trainer:
                 self.scaler.unscale_(self.optimizer)
             params = [p for g in self.optimizer.param_groups for p in g["params"]
                       if p.grad is not None]
-            if cfg.grad_clip:
+            model_clip = getattr(self.model, "clip_grad_norm_", None)
+            if cfg.grad_clip and callable(model_clip):
+                grad_norm = model_clip(cfg.grad_clip)  # the model's own clipping rule
+            elif cfg.grad_clip:
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             elif cfg.log_grad_norm and params:
                 grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])

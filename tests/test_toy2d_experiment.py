@@ -1,0 +1,366 @@
+"""toy2d grid: stacked models, per-run clipping, stacked == alone training, outputs, plots, CLI."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dualdiff.diffusion import ddpm_sample, make_schedule
+from dualdiff.experiments.toy2d import (Toy2DConfig, branch_weights, build_run_model,
+                                        load_datasets, load_results, run_grid, run_seeds,
+                                        sample_ddpm, train_grid, train_sequential, RunBatches)
+from dualdiff.models.stacked import StackedModels
+from dualdiff.models.toy2d import VARIANTS, build_toy_model
+from dualdiff.train import TrainConfig, Trainer
+
+# the shared test copy of the Datasaurus table: ../shared/data from the project root
+SHARED_TSV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "DatasaurusDozen.tsv"
+SMALL = dict(embedding_dim=16, hidden_dim=32, hidden_layers=1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny matmuls: one intra-op thread is fastest, and far faster when the CPU is shared
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_config(**kw) -> Toy2DConfig:
+    base = dict(n_train=600, steps=30, batch_size=32, num_timesteps=20, chunk_steps=8,
+                n_samples=300, ema_warmup=4, ema_every=2, log_every=10, progress=False,
+                datasaurus_path=str(SHARED_TSV), **SMALL)
+    base.update(kw)
+    return Toy2DConfig(**base)
+
+
+# ---------------------------------------------------------------------------------------------
+# StackedModels
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_stacked_forward_matches_members_and_unstacks(variant):
+    models = [build_toy_model(variant, **SMALL) for _ in range(3)]
+    stack = StackedModels(models)
+    assert stack.num_models == 3
+    # one stacked parameter per member parameter, leading dimension M
+    for name, p in models[0].named_parameters():
+        assert stack.stacked_parameters()[name].shape == (3, *p.shape)
+    x, t = torch.randn(3, 7, 2) * 2, torch.randint(0, 100, (3, 7))
+    kw = {} if variant == "baseline" else {"return_weights": True}
+    got = stack(x, t, **kw)
+    for m, model in enumerate(models):
+        ref = model(x[m], t[m], **kw)
+        if variant == "baseline":
+            torch.testing.assert_close(got[m], ref, rtol=1e-6, atol=1e-6)
+        else:
+            torch.testing.assert_close(got[0][m], ref[0], rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(got[1][m], ref[1], rtol=1e-6, atol=1e-6)
+    # back to individual models / state dicts
+    for m, (sd, model) in enumerate(zip(stack.state_dicts(), models)):
+        assert set(sd) == set(model.state_dict())
+        for k, v in model.state_dict().items():
+            assert torch.equal(sd[k], v)
+        one = stack.unstack(m)
+        assert type(one) is type(model) and all(p.requires_grad for p in one.parameters())
+        out_one = one(x[m], t[m])
+        out_ref = model(x[m], t[m])
+        torch.testing.assert_close(out_one, out_ref, rtol=0, atol=0)
+    # overwrite one member
+    new = build_toy_model(variant, **SMALL)
+    stack.load_member_state_dict(1, new.state_dict())
+    assert all(torch.equal(stack.member_state_dict(1)[k], v) for k, v in new.state_dict().items())
+    assert all(torch.equal(stack.member_state_dict(0)[k], v)
+               for k, v in models[0].state_dict().items())
+
+
+def test_stacked_models_bad_input():
+    with pytest.raises(ValueError, match="models"):
+        StackedModels([])
+    with pytest.raises(TypeError, match="member 1"):
+        StackedModels([build_toy_model("baseline", **SMALL), build_toy_model("fixed", **SMALL)])
+    with pytest.raises(ValueError, match="member 1"):
+        StackedModels([build_toy_model("baseline", **SMALL),
+                       build_toy_model("baseline", embedding_dim=16, hidden_dim=8,
+                                       hidden_layers=1)])
+    stack = StackedModels([build_toy_model("baseline", **SMALL) for _ in range(2)])
+    with pytest.raises(ValueError, match="leading dimension 2"):
+        stack(torch.randn(3, 4, 2), torch.randint(0, 10, (3, 4)))
+    with pytest.raises(IndexError, match="index"):
+        stack.unstack(2)
+    with pytest.raises(KeyError, match="missing"):
+        stack.load_member_state_dict(0, {})
+    with pytest.raises(ValueError, match="max_norm"):
+        stack.clip_grad_norm_(0.0)
+
+
+@pytest.mark.parametrize("mode", ["exact", "batched"])
+def test_per_member_clipping_equals_clipping_each_model_alone(mode):
+    torch.manual_seed(1)
+    models = [build_toy_model("adaptive", **SMALL) for _ in range(3)]
+    stack = StackedModels(models)
+    stack.clip_mode = mode
+    x, t = torch.randn(3, 16, 2), torch.randint(0, 100, (3, 16))
+    scale = torch.tensor([1.0, 30.0, 0.01])  # member 1 far above the limit, member 2 below
+    (stack(x, t).pow(2).mean(dim=(1, 2)) * scale).sum().backward()
+    top = stack.clip_grad_norm_(0.5)
+    norms = []
+    for m, model in enumerate(models):
+        (model(x[m], t[m]).pow(2).mean() * scale[m]).backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5))
+    norms = torch.stack(norms)
+    assert norms[1] > 0.5 > norms[2]  # both branches of the rule are exercised
+    tol = dict(rtol=0, atol=0) if mode == "exact" else dict(rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(stack.last_grad_norms, norms, **tol)
+    torch.testing.assert_close(top, norms.max(), **tol)
+    for m, model in enumerate(models):
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(stack.stacked_parameters()[name].grad[m], p.grad,
+                                       rtol=1e-6, atol=1e-7)
+    # a global norm over the stack would have clipped member 0 too: per member is different
+    g0 = torch.cat([p.grad.flatten() for p in models[0].parameters()]).norm()
+    assert torch.isclose(g0, torch.clamp(norms[0], max=0.5), rtol=1e-5)
+
+
+class _Clipped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 1)
+        self.calls = []
+
+    def clip_grad_norm_(self, max_norm):
+        self.calls.append(max_norm)
+        return torch.tensor(123.0)
+
+
+def test_trainer_calls_a_models_own_clipping(tmp_path):
+    """dualdiff.train.loop: with grad_clip set, a model's clip_grad_norm_ replaces the global one."""
+    model = _Clipped()
+
+    def data(i, g):
+        return torch.randn(8, 2, generator=g) * 100
+
+    cfg = TrainConfig(steps=3, batch_size=8, lr=1e-3, grad_clip=0.5, out_dir=str(tmp_path),
+                      save_final=False, progress=False)
+    tr = Trainer(model, lambda m, b: m.lin(b).pow(2).mean(), data, cfg)
+    tr.fit()
+    tr.close()
+    assert model.calls == [0.5, 0.5, 0.5]
+    assert tr.history[-1]["grad_norm"] == 123.0
+    # the model's hook did not clip, so the gradient is the unclipped (large) one
+    assert model.lin.weight.grad.norm() > 0.5
+    # no hook: the Trainer's global clipping as before
+    plain = nn.Linear(2, 1)
+    tr = Trainer(plain, lambda m, b: m(b).pow(2).mean(), data,
+                 TrainConfig(steps=1, batch_size=8, lr=1e-3, grad_clip=0.5,
+                             out_dir=str(tmp_path / "p"), save_final=False, progress=False))
+    tr.fit()
+    tr.close()
+    assert torch.cat([p.grad.flatten() for p in plain.parameters()]).norm() <= 0.5 + 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# data streams, sampling, weights
+# ---------------------------------------------------------------------------------------------
+def test_run_batches_are_epoch_permutations_and_deterministic():
+    rb = RunBatches(n=50, batch_size=8, num_timesteps=20, seed=3, chunk=4)  # 6 batches / epoch
+    idx = torch.cat([rb.chunk_draws(c)[0] for c in range(3)])  # 12 steps = 2 epochs
+    first, second = idx[:6].flatten(), idx[6:12].flatten()
+    assert len(set(first.tolist())) == 48 and len(set(second.tolist())) == 48  # no repeats
+    assert not torch.equal(first, second)
+    again = RunBatches(n=50, batch_size=8, num_timesteps=20, seed=3, chunk=4).chunk_draws(1)
+    for a, b in zip(again, rb.chunk_draws(1)):
+        assert torch.equal(a, b)
+    _, t, noise = rb.chunk_draws(0)
+    assert t.min() >= 0 and t.max() < 20 and noise.shape == (4, 8, 2)
+
+
+def test_sampling_stacked_equals_ddpm_sample_of_each_member():
+    torch.manual_seed(2)
+    models = [build_toy_model("fixed", **SMALL) for _ in range(2)]
+    stack = StackedModels(models).eval()
+    sched = make_schedule("linear", num_timesteps=15)
+    got = sample_ddpm(stack, 64, sched, seeds=[11, 12])
+    for m, model in enumerate(models):
+        g = torch.Generator().manual_seed(11 + m)
+        x_T = torch.randn(64, 2, generator=g)
+        ref = ddpm_sample(lambda x, t: model(x, t), x_T, sched, generator=g).sample
+        torch.testing.assert_close(got[m], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_branch_weights_over_timesteps():
+    models = [build_toy_model("adaptive_deep", **SMALL) for _ in range(2)]
+    w = branch_weights(StackedModels(models), 20)
+    assert w.shape == (2, 20, 2)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 20))
+    t = torch.arange(20)
+    ref = models[1].branch_weights(models[1].time_emb(t))
+    torch.testing.assert_close(w[1], ref, rtol=1e-6, atol=1e-6)
+    fixed = branch_weights(StackedModels([build_toy_model("fixed", **SMALL)]), 5)
+    assert torch.equal(fixed, torch.full((1, 5, 2), 0.5))
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------------------------
+def test_stacked_training_equals_training_each_run_alone(tmp_path):
+    """Same seed -> same init, same batches; per-run clipping -> the grid's runs end where each
+    run trained alone (plain model, Trainer's own clipping) ends: weights, EMA and losses."""
+    cfg = tiny_config(steps=25, grad_clip=0.05, lr=1e-3)  # small clip: clipping is active
+    datasets = ["circle", "dino"]
+    runs = [(v, d) for v in VARIANTS for d in datasets]
+    data = load_datasets(datasets, cfg)
+    grid = train_grid(runs, data, cfg, tmp_path / "grid")
+    assert (grid.model.last_grad_norms > 0.05).all()
+    alone = train_sequential(runs, data, cfg, tmp_path / "alone")
+    states, ema_states = grid.model.run_state_dicts(), grid.ema_model.run_state_dicts()
+    for r, one in enumerate(alone):
+        assert one["run"] == runs[r]
+        ref, ema_ref = one["model"].state_dict(), one["ema_model"].state_dict()
+        assert set(states[r]) == set(ref)
+        for k in ref:
+            torch.testing.assert_close(states[r][k], ref[k], rtol=1e-6, atol=1e-6, msg=f"{runs[r]} {k}")
+            torch.testing.assert_close(ema_states[r][k], ema_ref[k], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(grid.train_losses[:, r], one["train_losses"], rtol=1e-6,
+                                   atol=1e-6)
+        # and the weights moved away from the (shared) initialisation
+        init = build_run_model(*runs[r], cfg).state_dict()
+        assert any(not torch.equal(init[k], ref[k]) for k in ref)
+
+
+def test_compiled_grid_matches_eager(tmp_path):
+    """torch.compile of the grid step (vmap + functional_call traced whole; aot_eager keeps the
+    CPU time down) trains to the same weights as eager."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    cfg = tiny_config(steps=6, warmup_steps_timed=2)
+    runs = [(v, d) for v in ("baseline", "adaptive") for d in ("circle", "moons")]
+    data = load_datasets(["circle", "moons"], cfg)
+    eager = train_grid(runs, data, cfg, tmp_path / "e")
+    cfg_c = tiny_config(steps=6, warmup_steps_timed=2, compile=True, compile_backend="aot_eager")
+    comp = train_grid(runs, data, cfg_c, tmp_path / "c")
+    assert 0 < comp.first_steps_seconds <= comp.seconds
+    for a, b in zip(comp.model.run_state_dicts(), eager.model.run_state_dicts()):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(comp.train_losses, eager.train_losses, rtol=1e-6, atol=1e-6)
+    torch._dynamo.reset()
+
+
+def test_each_variant_loss_falls(tmp_path):
+    # T = 100 as the template; a short run only gets the loss from ~0.97 to ~0.85 (the template's
+    # 10 000 steps reach ~0.4-0.5), so compare the means of the first and last 25 steps
+    cfg = tiny_config(steps=150, lr=1e-2, batch_size=64, n_train=1000, chunk_steps=50,
+                      num_timesteps=100, embedding_dim=16, hidden_dim=48, hidden_layers=2)
+    runs = [(v, "line") for v in VARIANTS]
+    grid = train_grid(runs, load_datasets(["line"], cfg), cfg, tmp_path)
+    first, last = grid.train_losses[:25].mean(0), grid.train_losses[-25:].mean(0)
+    for r, (v, _) in enumerate(runs):
+        assert last[r] < 0.93 * first[r], f"{v}: loss {first[r]:.3f} -> {last[r]:.3f}"
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="datasets: unknown name 'cube'"):
+        Toy2DConfig(datasets=["circle", "cube"])
+    with pytest.raises(ValueError, match="variants: duplicated"):
+        Toy2DConfig(variants="baseline,baseline")
+    assert Toy2DConfig(datasets="moons, line").datasets == ["moons", "line"]
+    with pytest.raises(ValueError, match="batch_size"):
+        Toy2DConfig(n_train=10, batch_size=32)
+    with pytest.raises(ValueError, match="clip_mode"):
+        Toy2DConfig(clip_mode="global")
+    d = Toy2DConfig()
+    assert (d.num_timesteps, d.beta_start, d.beta_end, d.steps, d.batch_size, d.lr, d.grad_clip,
+            d.ema_decay, d.ema_every, d.n_train, d.n_samples) == (
+        100, 1e-4, 0.02, 10_000, 256, 3e-4, 0.5, 0.995, 10, 100_000, 10_000)
+    s = run_seeds(d, "adaptive", "dino")
+    assert s["data"] == run_seeds(d, "baseline", "dino")["data"]  # common random numbers
+    assert s["init"] != run_seeds(d, "baseline", "dino")["init"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole grid: files and plots; the CLI
+# ---------------------------------------------------------------------------------------------
+SEED_KEYS = ("training_time", "eval_loss", "inference_time", "kl_divergence")
+
+
+def test_run_grid_writes_results_and_plots(tmp_path):
+    datasets, variants = ["circle", "dino", "line", "moons"], ["baseline", "adaptive"]
+    res = run_grid(datasets, variants, tiny_config(steps=20), tmp_path)
+    timing = res["timing"]
+    assert timing["grid_runs"] == 8
+    assert timing["training_time_per_run"] * 8 == pytest.approx(timing["grid_training_time"])
+    for v in variants:
+        layout = json.loads((tmp_path / v / "final_info.json").read_text())
+        assert sorted(layout) == sorted(datasets)
+        for d in datasets:
+            run = tmp_path / v / d
+            info = json.loads((run / "final_info.json").read_text())
+            for k in SEED_KEYS:
+                assert isinstance(info[k], float) and np.isfinite(info[k]), k
+                assert layout[d]["means"][k] == info[k]
+            assert info["training_time"] == pytest.approx(timing["grid_training_time"] / 8)
+            assert info["inference_time"] * 4 == pytest.approx(info["group_inference_time"])
+            assert 0.1 < info["eval_loss"] < 3.0
+            samples = np.load(run / "samples.npy")
+            assert samples.shape == (300, 2) and np.isfinite(samples).all()
+            assert np.load(run / "train_losses.npy").shape == (20,)
+            assert (run / "weights.npy").exists() == (v == "adaptive")
+            sd = torch.load(run / "ema_model.pt", weights_only=True)
+            model = build_toy_model(v, **SMALL)
+            model.load_state_dict(sd)  # reloadable as an ordinary model
+    w = np.load(tmp_path / "adaptive" / "moons" / "weights.npy")
+    assert w.shape == (20, 2) and np.allclose(w.sum(1), 1.0, atol=1e-5)
+    loaded = load_results(tmp_path)
+    assert loaded["variants"] == variants and loaded["datasets"] == datasets
+    assert loaded["arrays"]["baseline/dino/images"].shape == (300, 2)
+    assert loaded["runs"]["adaptive/line"]["kl_divergence"] == res["runs"]["adaptive/line"][
+        "kl_divergence"]
+    for name in ("train_loss.png", "generated_images.png", "weight_evolution.png"):
+        p = tmp_path / name
+        assert p.is_file() and p.stat().st_size > 10_000, name
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _parser():
+    from dualdiff.cli_toy2d import register_toy2d_commands
+    parser = argparse.ArgumentParser(prog="dualdiff")
+    register_toy2d_commands(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def test_cli_help(capsys):
+    for argv in (["toy2d", "--help"], ["toy2d", "run", "--help"], ["toy2d", "plot", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            _parser().parse_args(argv)
+        assert e.value.code == 0
+    out = capsys.readouterr().out
+    for word in ("--datasets", "--variants", "--steps", "--out", "key=value", "run", "plot"):
+        assert word in out
+
+
+def test_cli_tiny_run_and_replot(tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = _parser().parse_args([
+        "toy2d", "run", "--datasets", "line,moons", "--variants", "fixed,adaptive_deep",
+        "--steps", "6", "--out", str(out), "n_train=300", "batch_size=16", "num_timesteps=10",
+        "n_samples=100", "embedding_dim=16", "hidden_dim=16", "hidden_layers=1",
+        "chunk_steps=3", "progress=false", "save_models=false", "steps=999"])
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    assert "grid of 4 runs, 6 steps" in printed and "adaptive_deep/moons" in printed
+    info = json.loads((out / "fixed" / "line" / "final_info.json").read_text())
+    assert info["steps"] == 6 and set(SEED_KEYS) <= set(info)
+    assert not (out / "fixed" / "line" / "ema_model.pt").exists()
+    (out / "train_loss.png").unlink()
+    args = _parser().parse_args(["toy2d", "plot", "--out", str(out)])
+    assert args.func(args) == 0
+    assert (out / "train_loss.png").is_file()
+    with pytest.raises(ValueError, match="unknown name"):
+        a = _parser().parse_args(["toy2d", "run", "--datasets", "cube", "--out", str(out)])
+        a.func(a)
