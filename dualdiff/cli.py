@@ -62,8 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print the rows as JSON")
     check.set_defaults(func=_ops_check)
 
+    from dualdiff.cli_lift import register_lift_commands
     from dualdiff.cli_toy2d import register_toy2d_commands
 
+    register_lift_commands(sub)
     register_toy2d_commands(sub)
     return parser
 

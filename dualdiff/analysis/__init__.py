@@ -1,6 +1,9 @@
-"""Analysis tools: DP / greedy paths through the LIFT error heatmap and path -> γ schedules."""
+"""Analysis tools: the LIFT error heatmap (batched Hutchinson), DP / greedy paths through it,
+path -> γ schedules -> timesteps, generation along paths, plots."""
 from __future__ import annotations
 
+from dualdiff.analysis.generate import GenerationPath, generate, generate_for_fid, make_path
+from dualdiff.analysis.heatmap import HeatmapResult, compute_error_heatmap, merge_heatmap_shards
 from dualdiff.analysis.paths import (
     FIXED_STEP_OBJECTIVES,
     OBJECTIVES,
@@ -17,6 +20,8 @@ from dualdiff.analysis.paths import (
 )
 
 __all__ = [
+    "GenerationPath", "generate", "generate_for_fid", "make_path",
+    "HeatmapResult", "compute_error_heatmap", "merge_heatmap_shards",
     "FIXED_STEP_OBJECTIVES",
     "OBJECTIVES",
     "GammaSchedule",

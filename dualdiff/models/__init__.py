@@ -3,6 +3,7 @@ denoisers of the toy2d experiment."""
 from __future__ import annotations
 
 from dualdiff.models.lift import LIFTDualTimestepModel, LIFTModelConfig, SingleScaleUNet
+from dualdiff.models.stacked import StackedModels
 from dualdiff.models.toy2d import (
     VARIANTS as TOY2D_VARIANTS,
     DualScaleDenoiser,
@@ -13,6 +14,6 @@ from dualdiff.models.unet import ResBlock, UNet, count_parameters
 
 __all__ = [
     "LIFTDualTimestepModel", "LIFTModelConfig", "SingleScaleUNet",
-    "ResBlock", "UNet", "count_parameters",
+    "ResBlock", "UNet", "count_parameters", "StackedModels",
     "TOY2D_VARIANTS", "DualScaleDenoiser", "MLPDenoiser", "build_toy_model",
 ]
