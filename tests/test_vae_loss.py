@@ -463,7 +463,7 @@ print("compiled", len(jobs))
 """
 
 
-def test_triton_kernels_compile_for_sm90_without_a_gpu():
+def test_triton_kernels_compile_for_sm90_without_a_gpu(tmp_path):
     """The interpreter accepts code that the Triton compiler rejects (e.g. a value whose shape
     differs between the branches of a runtime `if`): compile every kernel for sm_90, in a fresh
     process without TRITON_INTERPRET, and check the image loads are 16-byte vector loads."""
@@ -472,7 +472,8 @@ def test_triton_kernels_compile_for_sm90_without_a_gpu():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # cwd outside the checkout, so the installed package (with dualdiff.kernels) is imported
     proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "compiled 8" in proc.stdout
