@@ -12,14 +12,7 @@ from dualdiff.data.images import (DatasetUnavailableError, HFImageDataset, Image
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small CPU ops: one intra-op thread avoids oversubscription on a shared machine
-    (measured here: 30 tiny training steps took 117 s with 2 threads under load, ~6 s with 1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def test_procedural_deterministic_and_in_range():
     a = ProceduralDualScaleImages(12, seed=3)

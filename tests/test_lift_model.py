@@ -10,14 +10,7 @@ from dualdiff.ops.hutchinson import hutchinson_vhv, hutchinson_vhv_reference, ra
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small CPU ops: one intra-op thread avoids oversubscription on a shared machine
-    (measured here: 30 tiny training steps took 117 s with 2 threads under load, ~6 s with 1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _public_layout_count(h=(64, 128, 256, 512), e=256, freq=64):
     """Parameter count of the experiment's public LIFTDualTimestepModel, by arithmetic

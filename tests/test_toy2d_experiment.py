@@ -23,13 +23,7 @@ SHARED_TSV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "D
 SMALL = dict(embedding_dim=16, hidden_dim=32, hidden_layers=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matmuls: one intra-op thread is fastest, and far faster when the CPU is shared
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_config(**kw) -> Toy2DConfig:

@@ -16,13 +16,7 @@ from dualdiff.models.toy2d import VARIANTS
 SMALL = dict(embedding_dim=16, hidden_dim=32, hidden_layers=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matmuls: one intra-op thread is fastest, and far faster when the CPU is shared
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def template_embedding(v, dim, scale):
