@@ -4,14 +4,19 @@
 // uint8), contiguous. Rows are the B*C (b, c) pairs. Formula: see dualdiff/ops/weighted_dice.py.
 //
 // forward: work items (row, spatial chunk) -- or (b, chunk) for softmax, which needs every
-// channel of a pixel -- compute partial sums of p*g, p (p^2), g (g^2) in parallel; a serial
+// channel of a pixel -- compute partial sums of p*g, p (p^2), g (g^2) in parallel (dynamic
+// schedule: a thread that loses its core on a shared machine does not stall the rest); a serial
 // pass adds them in a fixed order (deterministic for any thread count) and writes the
 // [3, B, C] sums and the loss. backward: one parallel elementwise pass that recomputes p.
 //
-// The inner loops use 8-lane vector extensions (with a polynomial exp) and are compiled
-// twice on x86-64: for the baseline ISA and for AVX2+FMA, chosen at run time.
+// The inner loops use explicit vectors (with a polynomial exp): 8 lanes compiled for the
+// baseline ISA and for AVX2+FMA, 16 lanes for AVX-512, chosen at run time (DUALDIFF_CPU_ISA=
+// base|avx2 caps the choice, for tests). Softmax over C = 2 .. 8 channels runs a body with C
+// fixed at compile time that keeps the per-pixel exps and the accumulators in registers
+// (one exp per element, one division per pixel); other C use a scratch-buffer body.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -33,75 +38,128 @@ constexpr int64_t CHUNK = 2048;  // pixels per work item
 
 #define DD_INLINE inline __attribute__((always_inline))
 
-// 8-lane vectors (GCC/Clang vector extensions): compiled to AVX2 in the avx2 variant, to SSE
-// pairs in the baseline one. Explicit vectors because the auto-vectoriser turns the exp clamp
-// into branches and gives up.
-constexpr int W = 8;
-typedef float vf __attribute__((vector_size(32)));
-typedef int32_t vi __attribute__((vector_size(32)));
-typedef uint8_t vu8 __attribute__((vector_size(8)));
+// Vectors (GCC/Clang vector extensions) of W = 8 or 16 floats. Explicit vectors because the
+// auto-vectoriser turns the exp clamp into branches and gives up. The 8-lane code is compiled
+// for the baseline ISA (SSE pairs) and for AVX2+FMA, the 16-lane code for AVX-512; the variant
+// is chosen at run time.
+typedef float vf8 __attribute__((vector_size(32)));
+typedef int32_t vi8 __attribute__((vector_size(32)));
+typedef uint8_t vu8x8 __attribute__((vector_size(8)));
+typedef float vf16 __attribute__((vector_size(64)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
+typedef uint8_t vu8x16 __attribute__((vector_size(16)));
 
-DD_INLINE vf splat(float v) { return vf{v, v, v, v, v, v, v, v}; }
-DD_INLINE vf vsel(vi m, vf a, vf b) { return m ? a : b; }
-DD_INLINE vf vmax(vf a, vf b) { return vsel(a > b, a, b); }
-DD_INLINE vi lanes_below(int n) {
-  const vi idx = {0, 1, 2, 3, 4, 5, 6, 7};
-  return idx < vi{n, n, n, n, n, n, n, n};
+template <typename V>
+struct VT;
+template <>
+struct VT<vf8> {
+  using I = vi8;
+  using U8 = vu8x8;
+  static constexpr int W = 8;
+};
+template <>
+struct VT<vf16> {
+  using I = vi16;
+  using U8 = vu8x16;
+  static constexpr int W = 16;
+};
+constexpr int MAX_W = 16;
+constexpr int MAX_FIXED_C = 8;  // softmax bodies with C fixed at compile time: C = 2 .. 8
+
+template <typename V>
+DD_INLINE V splat(float v) {
+  return V{} + v;
+}
+template <typename V, typename M>
+DD_INLINE V vsel(M m, V a, V b) {
+  return m ? a : b;
+}
+template <typename V>
+DD_INLINE V vmax(V a, V b) {
+  return a > b ? a : b;
+}
+template <typename V>
+DD_INLINE typename VT<V>::I lanes_below(int n) {
+  typename VT<V>::I idx;
+  for (int i = 0; i < VT<V>::W; ++i) idx[i] = i;
+  return idx < (typename VT<V>::I{} + n);
 }
 
-DD_INLINE vf loadv(const float* p) {
-  vf v;
+template <typename V>
+DD_INLINE V loadv(const float* p) {
+  V v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-DD_INLINE vf loadv(const uint8_t* p) {
-  vu8 u;
+template <typename V>
+DD_INLINE V loadv(const uint8_t* p) {
+  typename VT<V>::U8 u;
   std::memcpy(&u, p, sizeof(u));
-  return __builtin_convertvector(u, vf);
+  return __builtin_convertvector(u, V);
 }
 // First n (< W) elements, zero padded.
-template <typename T>
-DD_INLINE vf loadv_n(const T* p, int n) {
-  T tmp[W] = {};
+template <typename V, typename T>
+DD_INLINE V loadv_n(const T* p, int n) {
+  T tmp[VT<V>::W] = {};
   for (int i = 0; i < n; ++i) tmp[i] = p[i];
-  return loadv(tmp);
+  return loadv<V>(tmp);
 }
-DD_INLINE void storev(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
-DD_INLINE void storev_n(float* p, vf v, int n) {
-  float tmp[W];
-  storev(tmp, v);
-  for (int i = 0; i < n; ++i) p[i] = tmp[i];
+// FULL: all W lanes; else the first n.
+template <typename V, bool FULL, typename T>
+DD_INLINE V ld(const T* p, int n) {
+  return FULL ? loadv<V>(p) : loadv_n<V>(p, n);
 }
-DD_INLINE double hsum(vf v) {
+template <typename V>
+DD_INLINE void storev(float* p, V v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+template <typename V, bool FULL>
+DD_INLINE void st(float* p, V v, int n) {
+  if (FULL) {
+    storev(p, v);
+  } else {
+    float tmp[VT<V>::W];
+    storev(tmp, v);
+    for (int i = 0; i < n; ++i) p[i] = tmp[i];
+  }
+}
+template <typename V>
+DD_INLINE double hsum(V v) {
   double s = 0.0;
-  for (int i = 0; i < W; ++i) s += v[i];
+  for (int i = 0; i < VT<V>::W; ++i) s += v[i];
   return s;
 }
 
-// e^x, ~2 ulp: Cody-Waite reduction x = r ln2 + f, degree-7 Taylor polynomial of e^f on
-// |f| <= ln2/2, scale by 2^r through the exponent bits. x is clamped to [-87, 88].
-DD_INLINE vf vexp(vf x) {
-  x = vsel(x < splat(-87.0f), splat(-87.0f), x);
-  x = vsel(x > splat(88.0f), splat(88.0f), x);
-  const vf r = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln2)
-  const vf f = (x - r * 0.693359375f) + r * 2.12194440e-4f;
-  vf p = splat(1.0f / 5040.0f);
-  p = p * f + 1.0f / 720.0f;
-  p = p * f + 1.0f / 120.0f;
-  p = p * f + 1.0f / 24.0f;
-  p = p * f + 1.0f / 6.0f;
-  p = p * f + 0.5f;
-  p = p * f + 1.0f;
-  p = p * f + 1.0f;
-  const vi bits = (__builtin_convertvector(r, vi) + 127) << 23;
-  vf scale;
+// e^x, ~2 ulp: Cody-Waite reduction x = r ln2 + f, then a degree-5 polynomial fitted to e^f on
+// |f| <= ln2/2 (max relative error 2.1e-7 in fp32 arithmetic), scaled by 2^r through the
+// exponent bits. x is clamped to [-87, 88] (UPPER = false: the caller knows x <= 0). NaN stays
+// NaN. 2^r comes from the bits of the rounding sum t = x/ln2 + 1.5*2^23, whose low mantissa
+// bits hold r (two's complement): ((bits(t) + 127) << 23) == (r + 127) << 23 mod 2^32.
+template <bool UPPER = true, typename V>
+DD_INLINE V vexp(V x) {
+  using I = typename VT<V>::I;
+  x = vsel(x < splat<V>(-87.0f), splat<V>(-87.0f), x);
+  if (UPPER) x = vsel(x > splat<V>(88.0f), splat<V>(88.0f), x);
+  const V t = x * 1.44269504088896341f + 12582912.0f;
+  const V r = t - 12582912.0f;  // round(x / ln2)
+  const V f = (x - r * 0.693359375f) + r * 2.12194440e-4f;
+  V p = splat<V>(0.008297654800117016f);
+  p = p * f + 0.04191538318991661f;
+  p = p * f + 0.16667574644088745f;
+  p = p * f + 0.49998894333839417f;
+  p = p * f + 0.9999997019767761f;
+  p = p * f + 1.0000001192092896f;
+  I bits;
+  std::memcpy(&bits, &t, sizeof(bits));
+  bits = (bits + 127) << 23;
+  V scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
 
-template <int ACT>
-DD_INLINE vf activate(vf x) {
-  if (ACT == ACT_SIGMOID) return splat(1.0f) / (1.0f + vexp(-x));
+template <int ACT, typename V>
+DD_INLINE V activate(V x) {
+  if (ACT == ACT_SIGMOID) return splat<V>(1.0f) / (1.0f + vexp(-x));
   return x;  // ACT_NONE (softmax is handled across channels)
 }
 
@@ -114,19 +172,21 @@ struct Params {
 
 // ---- forward items -----------------------------------------------------------------------
 // Sums of one row over pixels [lo, hi) -> part[3].
-template <int ACT, bool SQ, typename GT>
+template <typename V, int ACT, bool SQ, typename GT>
 DD_INLINE void fwd_row_item(const float* x, const GT* g, int64_t lo, int64_t hi, double* part) {
-  vf a0 = {}, a1 = {}, a2 = {};
+  constexpr int W = VT<V>::W;
+  V a0 = {}, a1 = {}, a2 = {};
   int64_t i = lo;
   for (; i + W <= hi; i += W) {
-    const vf p = activate<ACT>(loadv(x + i)), q = loadv(g + i);
+    const V p = activate<ACT>(loadv<V>(x + i)), q = loadv<V>(g + i);
     a0 += p * q;
     a1 += SQ ? p * p : p;
     a2 += SQ ? q * q : q;
   }
   if (i < hi) {
     const int n = static_cast<int>(hi - i);
-    const vf p = vsel(lanes_below(n), activate<ACT>(loadv_n(x + i, n)), splat(0.f)), q = loadv_n(g + i, n);
+    const V p = vsel(lanes_below<V>(n), activate<ACT>(loadv_n<V>(x + i, n)), splat<V>(0.f));
+    const V q = loadv_n<V>(g + i, n);
     a0 += p * q;
     a1 += SQ ? p * p : p;
     a2 += SQ ? q * q : q;
@@ -136,94 +196,168 @@ DD_INLINE void fwd_row_item(const float* x, const GT* g, int64_t lo, int64_t hi,
   part[2] = hsum(a2);
 }
 
-// Softmax over C channels (stride S) of one sample, pixels [lo, hi) -> part[c * 3 + k].
-// buf: 4*C*W floats of scratch (accessed unaligned).
-template <bool SQ, typename GT>
-DD_INLINE void fwd_softmax_item(const float* x, const GT* g, int64_t C, int64_t S, int64_t lo, int64_t hi,
-                                double* part, float* buf) {
+// Softmax over NC (compile-time) channels of stride S at pixels [i, i + W) (the first n when
+// !FULL): p[c] (zero in the lanes past n).
+template <typename V, int NC, bool FULL>
+DD_INLINE void softmax_block(const float* x, int64_t S, int64_t i, int n, V* p) {
+  V mx = ld<V, FULL>(x + i, n);
+  for (int c = 0; c < NC; ++c) {
+    p[c] = ld<V, FULL>(x + c * S + i, n);
+    mx = vmax(mx, p[c]);
+  }
+  V den = {};
+  for (int c = 0; c < NC; ++c) {
+    p[c] = vexp<false>(p[c] - mx);
+    den += p[c];
+  }
+  V inv = splat<V>(1.0f) / den;
+  if (!FULL) inv = vsel(lanes_below<V>(n), inv, splat<V>(0.f));
+  for (int c = 0; c < NC; ++c) p[c] *= inv;
+}
+
+template <typename V, int NC, bool SQ, bool FULL, typename GT>
+DD_INLINE void fwd_softmax_block(const float* x, const GT* g, int64_t S, int64_t i, int n, V* acc) {
+  V p[NC];
+  softmax_block<V, NC, FULL>(x, S, i, n, p);
+  for (int c = 0; c < NC; ++c) {
+    const V q = ld<V, FULL>(g + c * S + i, n);
+    acc[3 * c] += p[c] * q;
+    acc[3 * c + 1] += SQ ? p[c] * p[c] : p[c];
+    acc[3 * c + 2] += SQ ? q * q : q;
+  }
+}
+
+// Softmax over NC channels (stride S) of one sample, pixels [lo, hi) -> part[c * 3 + k];
+// the accumulators stay in registers.
+template <typename V, int NC, bool SQ, typename GT>
+DD_INLINE void fwd_softmax_fixed(const float* x, const GT* g, int64_t S, int64_t lo, int64_t hi, double* part) {
+  constexpr int W = VT<V>::W;
+  V acc[3 * NC];
+  for (int k = 0; k < 3 * NC; ++k) acc[k] = V{};
+  int64_t i = lo;
+  for (; i + W <= hi; i += W) fwd_softmax_block<V, NC, SQ, true>(x, g, S, i, W, acc);
+  if (i < hi) fwd_softmax_block<V, NC, SQ, false>(x, g, S, i, static_cast<int>(hi - i), acc);
+  for (int k = 0; k < 3 * NC; ++k) part[k] = hsum(acc[k]);
+}
+
+// Any C: buf holds 4*C*W floats of scratch (accessed unaligned).
+template <typename V, bool SQ, typename GT>
+DD_INLINE void fwd_softmax_any(const float* x, const GT* g, int64_t C, int64_t S, int64_t lo, int64_t hi,
+                               double* part, float* buf) {
+  constexpr int W = VT<V>::W;
   float* e = buf;
   float* acc = buf + C * W;
   for (int64_t k = 0; k < 3 * C * W; ++k) acc[k] = 0.f;
   for (int64_t i = lo; i < hi; i += W) {
     const int n = static_cast<int>(std::min<int64_t>(W, hi - i));
     const bool full = n == W;
-    vf mx = full ? loadv(x + i) : loadv_n(x + i, n);
-    for (int64_t c = 1; c < C; ++c) mx = vmax(mx, full ? loadv(x + c * S + i) : loadv_n(x + c * S + i, n));
-    vf den = {};
+    V mx = full ? loadv<V>(x + i) : loadv_n<V>(x + i, n);
+    for (int64_t c = 1; c < C; ++c) mx = vmax(mx, full ? loadv<V>(x + c * S + i) : loadv_n<V>(x + c * S + i, n));
+    V den = {};
     for (int64_t c = 0; c < C; ++c) {
-      const vf ec = vexp((full ? loadv(x + c * S + i) : loadv_n(x + c * S + i, n)) - mx);
+      const V ec = vexp<false>((full ? loadv<V>(x + c * S + i) : loadv_n<V>(x + c * S + i, n)) - mx);
       storev(e + c * W, ec);
       den += ec;
     }
-    vf inv = splat(1.0f) / den;
-    if (!full) inv = vsel(lanes_below(n), inv, splat(0.f));
+    V inv = splat<V>(1.0f) / den;
+    if (!full) inv = vsel(lanes_below<V>(n), inv, splat<V>(0.f));
     for (int64_t c = 0; c < C; ++c) {
-      const vf p = loadv(e + c * W) * inv, q = full ? loadv(g + c * S + i) : loadv_n(g + c * S + i, n);
+      const V p = loadv<V>(e + c * W) * inv;
+      const V q = full ? loadv<V>(g + c * S + i) : loadv_n<V>(g + c * S + i, n);
       float* a = acc + 3 * c * W;
-      storev(a, loadv(a) + p * q);
-      storev(a + W, loadv(a + W) + (SQ ? p * p : p));
-      storev(a + 2 * W, loadv(a + 2 * W) + (SQ ? q * q : q));
+      storev(a, loadv<V>(a) + p * q);
+      storev(a + W, loadv<V>(a + W) + (SQ ? p * p : p));
+      storev(a + 2 * W, loadv<V>(a + 2 * W) + (SQ ? q * q : q));
     }
   }
-  for (int64_t k = 0; k < 3 * C; ++k) part[k] = hsum(loadv(acc + k * W));
+  for (int64_t k = 0; k < 3 * C; ++k) part[k] = hsum(loadv<V>(acc + k * W));
 }
 
 // ---- backward items ----------------------------------------------------------------------
-template <int ACT, bool SQ>
-DD_INLINE vf row_grad(vf xv, vf q, float ca, float cb) {
-  const vf p = activate<ACT>(xv);
-  const vf dp = ca * q + (SQ ? (2.0f * cb) * p : splat(cb));
+template <int ACT, bool SQ, typename V>
+DD_INLINE V row_grad(V xv, V q, float ca, float cb) {
+  const V p = activate<ACT>(xv);
+  const V dp = ca * q + (SQ ? (2.0f * cb) * p : splat<V>(cb));
   return ACT == ACT_SIGMOID ? dp * p * (1.0f - p) : dp;
 }
 
-template <int ACT, bool SQ, typename GT>
+template <typename V, int ACT, bool SQ, typename GT>
 DD_INLINE void bwd_row_item(const float* x, const GT* g, float* dx, int64_t lo, int64_t hi, float ca, float cb) {
+  constexpr int W = VT<V>::W;
   int64_t i = lo;
-  for (; i + W <= hi; i += W) storev(dx + i, row_grad<ACT, SQ>(loadv(x + i), loadv(g + i), ca, cb));
+  for (; i + W <= hi; i += W) storev(dx + i, row_grad<ACT, SQ>(loadv<V>(x + i), loadv<V>(g + i), ca, cb));
   if (i < hi) {
     const int n = static_cast<int>(hi - i);
-    storev_n(dx + i, row_grad<ACT, SQ>(loadv_n(x + i, n), loadv_n(g + i, n), ca, cb), n);
+    st<V, false>(dx + i, row_grad<ACT, SQ>(loadv_n<V>(x + i, n), loadv_n<V>(g + i, n), ca, cb), n);
   }
 }
 
-// buf: 2*C*W floats of scratch (accessed unaligned).
-template <bool SQ, typename GT>
-DD_INLINE void bwd_softmax_item(const float* x, const GT* g, float* dx, int64_t C, int64_t S, int64_t lo,
-                                int64_t hi, const float* ca, const float* cb, float* buf) {
+template <typename V, int NC, bool SQ, bool FULL, typename GT>
+DD_INLINE void bwd_softmax_block(const float* x, const GT* g, float* dx, int64_t S, int64_t i, int n,
+                                 const float* ca, const float* cb) {
+  V p[NC], dp[NC];
+  softmax_block<V, NC, FULL>(x, S, i, n, p);
+  V dot = {};
+  for (int c = 0; c < NC; ++c) {
+    const V q = ld<V, FULL>(g + c * S + i, n);
+    dp[c] = ca[c] * q + (SQ ? (2.0f * cb[c]) * p[c] : splat<V>(cb[c]));
+    dot += p[c] * dp[c];
+  }
+  for (int c = 0; c < NC; ++c) st<V, FULL>(dx + c * S + i, p[c] * (dp[c] - dot), n);
+}
+
+template <typename V, int NC, bool SQ, typename GT>
+DD_INLINE void bwd_softmax_fixed(const float* x, const GT* g, float* dx, int64_t S, int64_t lo, int64_t hi,
+                                 const float* ca_, const float* cb_) {
+  constexpr int W = VT<V>::W;
+  float ca[NC], cb[NC];
+  for (int c = 0; c < NC; ++c) ca[c] = ca_[c], cb[c] = cb_[c];
+  int64_t i = lo;
+  for (; i + W <= hi; i += W) bwd_softmax_block<V, NC, SQ, true>(x, g, dx, S, i, W, ca, cb);
+  if (i < hi) bwd_softmax_block<V, NC, SQ, false>(x, g, dx, S, i, static_cast<int>(hi - i), ca, cb);
+}
+
+// Any C: buf holds 2*C*W floats of scratch (accessed unaligned).
+template <typename V, bool SQ, typename GT>
+DD_INLINE void bwd_softmax_any(const float* x, const GT* g, float* dx, int64_t C, int64_t S, int64_t lo,
+                               int64_t hi, const float* ca, const float* cb, float* buf) {
+  constexpr int W = VT<V>::W;
   float* pb = buf;
   float* dpb = buf + C * W;
   for (int64_t i = lo; i < hi; i += W) {
     const int n = static_cast<int>(std::min<int64_t>(W, hi - i));
     const bool full = n == W;
-    vf mx = full ? loadv(x + i) : loadv_n(x + i, n);
-    for (int64_t c = 1; c < C; ++c) mx = vmax(mx, full ? loadv(x + c * S + i) : loadv_n(x + c * S + i, n));
-    vf den = {};
+    V mx = full ? loadv<V>(x + i) : loadv_n<V>(x + i, n);
+    for (int64_t c = 1; c < C; ++c) mx = vmax(mx, full ? loadv<V>(x + c * S + i) : loadv_n<V>(x + c * S + i, n));
+    V den = {};
     for (int64_t c = 0; c < C; ++c) {
-      const vf ec = vexp((full ? loadv(x + c * S + i) : loadv_n(x + c * S + i, n)) - mx);
+      const V ec = vexp<false>((full ? loadv<V>(x + c * S + i) : loadv_n<V>(x + c * S + i, n)) - mx);
       storev(pb + c * W, ec);
       den += ec;
     }
-    const vf inv = splat(1.0f) / den;
-    vf dot = {};
+    const V inv = splat<V>(1.0f) / den;
+    V dot = {};
     for (int64_t c = 0; c < C; ++c) {
-      const vf p = loadv(pb + c * W) * inv, q = full ? loadv(g + c * S + i) : loadv_n(g + c * S + i, n);
-      const vf dp = ca[c] * q + (SQ ? (2.0f * cb[c]) * p : splat(cb[c]));
+      const V p = loadv<V>(pb + c * W) * inv;
+      const V q = full ? loadv<V>(g + c * S + i) : loadv_n<V>(g + c * S + i, n);
+      const V dp = ca[c] * q + (SQ ? (2.0f * cb[c]) * p : splat<V>(cb[c]));
       storev(pb + c * W, p);
       storev(dpb + c * W, dp);
       dot += p * dp;
     }
     for (int64_t c = 0; c < C; ++c) {
-      const vf d = loadv(pb + c * W) * (loadv(dpb + c * W) - dot);
+      const V d = loadv<V>(pb + c * W) * (loadv<V>(dpb + c * W) - dot);
       if (full)
         storev(dx + c * S + i, d);
       else
-        storev_n(dx + c * S + i, d, n);
+        st<V, false>(dx + c * S + i, d, n);
     }
   }
 }
 
 // ---- per-ISA entry of one work item (the bodies above are inlined and vectorised per ISA) ----
-#define DD_DEFINE_ITEMS(SUFFIX, ATTR)                                                                   \
+// Softmax over C = 2 .. MAX_FIXED_C uses the fixed-C bodies, other C the generic one.
+#define DD_DEFINE_ITEMS(SUFFIX, ATTR, V)                                                                \
   template <int ACT, bool SQ, typename GT>                                                              \
   ATTR void fwd_item_##SUFFIX(const float* x, const GT* g, const Params& P, int64_t item, double* part, \
                               float* buf) {                                                             \
@@ -231,9 +365,18 @@ DD_INLINE void bwd_softmax_item(const float* x, const GT* g, float* dx, int64_t 
     const int64_t lo = chunk * CHUNK, hi = std::min(P.S, lo + CHUNK);                                   \
     if (ACT == ACT_SOFTMAX) {                                                                           \
       const int64_t off = grp * P.C * P.S;                                                              \
-      fwd_softmax_item<SQ, GT>(x + off, g + off, P.C, P.S, lo, hi, part, buf);                          \
+      switch (P.C) {                                                                                    \
+        case 2: fwd_softmax_fixed<V, 2, SQ, GT>(x + off, g + off, P.S, lo, hi, part); break;            \
+        case 3: fwd_softmax_fixed<V, 3, SQ, GT>(x + off, g + off, P.S, lo, hi, part); break;            \
+        case 4: fwd_softmax_fixed<V, 4, SQ, GT>(x + off, g + off, P.S, lo, hi, part); break;            \
+        case 5: fwd_softmax_fixed<V, 5, SQ, GT>(x + off, g + off, P.S, lo, hi, part); break;            \
+        case 6: fwd_softmax_fixed<V, 6, SQ, GT>(x + off, g + off, P.S, lo, hi, part); break;            \
+        case 7: fwd_softmax_fixed<V, 7, SQ, GT>(x + off, g + off, P.S, lo, hi, part); break;            \
+        case 8: fwd_softmax_fixed<V, 8, SQ, GT>(x + off, g + off, P.S, lo, hi, part); break;            \
+        default: fwd_softmax_any<V, SQ, GT>(x + off, g + off, P.C, P.S, lo, hi, part, buf);             \
+      }                                                                                                 \
     } else {                                                                                            \
-      fwd_row_item<ACT, SQ, GT>(x + grp * P.S, g + grp * P.S, lo, hi, part);                            \
+      fwd_row_item<V, ACT, SQ, GT>(x + grp * P.S, g + grp * P.S, lo, hi, part);                         \
     }                                                                                                   \
   }                                                                                                     \
   template <int ACT, bool SQ, typename GT>                                                              \
@@ -243,26 +386,49 @@ DD_INLINE void bwd_softmax_item(const float* x, const GT* g, float* dx, int64_t 
     const int64_t lo = chunk * CHUNK, hi = std::min(P.S, lo + CHUNK);                                   \
     if (ACT == ACT_SOFTMAX) {                                                                           \
       const int64_t off = grp * P.C * P.S;                                                              \
-      bwd_softmax_item<SQ, GT>(x + off, g + off, dx + off, P.C, P.S, lo, hi, ca + grp * P.C,            \
-                               cb + grp * P.C, buf);                                                    \
+      const float *a = ca + grp * P.C, *b = cb + grp * P.C;                                             \
+      switch (P.C) {                                                                                    \
+        case 2: bwd_softmax_fixed<V, 2, SQ, GT>(x + off, g + off, dx + off, P.S, lo, hi, a, b); break;  \
+        case 3: bwd_softmax_fixed<V, 3, SQ, GT>(x + off, g + off, dx + off, P.S, lo, hi, a, b); break;  \
+        case 4: bwd_softmax_fixed<V, 4, SQ, GT>(x + off, g + off, dx + off, P.S, lo, hi, a, b); break;  \
+        case 5: bwd_softmax_fixed<V, 5, SQ, GT>(x + off, g + off, dx + off, P.S, lo, hi, a, b); break;  \
+        case 6: bwd_softmax_fixed<V, 6, SQ, GT>(x + off, g + off, dx + off, P.S, lo, hi, a, b); break;  \
+        case 7: bwd_softmax_fixed<V, 7, SQ, GT>(x + off, g + off, dx + off, P.S, lo, hi, a, b); break;  \
+        case 8: bwd_softmax_fixed<V, 8, SQ, GT>(x + off, g + off, dx + off, P.S, lo, hi, a, b); break;  \
+        default: bwd_softmax_any<V, SQ, GT>(x + off, g + off, dx + off, P.C, P.S, lo, hi, a, b, buf);   \
+      }                                                                                                 \
     } else {                                                                                            \
       const int64_t off = grp * P.S;                                                                    \
-      bwd_row_item<ACT, SQ, GT>(x + off, g + off, dx + off, lo, hi, ca[grp], cb[grp]);                  \
+      bwd_row_item<V, ACT, SQ, GT>(x + off, g + off, dx + off, lo, hi, ca[grp], cb[grp]);               \
     }                                                                                                   \
   }
 
-DD_DEFINE_ITEMS(base, )
+DD_DEFINE_ITEMS(base, , vf8)
 #if defined(__x86_64__) && defined(__GNUC__)
-#define DD_HAVE_AVX2 1
-DD_DEFINE_ITEMS(avx2, __attribute__((target("avx2,fma"))))
+#define DD_HAVE_X86 1
+DD_DEFINE_ITEMS(avx2, __attribute__((target("avx2,fma"))), vf8)
+DD_DEFINE_ITEMS(avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"))), vf16)
 #endif
 
-bool use_avx2() {
-#ifdef DD_HAVE_AVX2
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
+enum class Isa { Base, Avx2, Avx512 };
+
+Isa pick_isa() {
+#ifdef DD_HAVE_X86
+  static const Isa isa = [] {
+    __builtin_cpu_init();
+    // DUALDIFF_CPU_ISA=base|avx2 caps the variant (to test the other code paths on this CPU).
+    const char* cap = std::getenv("DUALDIFF_CPU_ISA");
+    if (cap && std::strcmp(cap, "base") == 0) return Isa::Base;
+    const bool allow512 = !(cap && std::strcmp(cap, "avx2") == 0);
+    if (allow512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+      return Isa::Avx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::Avx2;
+    return Isa::Base;
+  }();
+  return isa;
 #else
-  return false;
+  return Isa::Base;
 #endif
 }
 
@@ -275,19 +441,23 @@ void forward(const float* x, const GT* g, const float* w, float* sums, float* lo
   const int64_t items = groups * P.n_chunks;
   // part[(group * n_chunks + chunk) * cp * 3 + c * 3 + k]
   std::vector<double> part(static_cast<size_t>(items * cp * 3));
-  const bool avx2 = use_avx2();
+  const Isa isa = pick_isa();
 #ifdef DUALDIFF_WITH_OPENMP
-#pragma omp parallel
+#pragma omp parallel if (items > 1)
 #endif
   {
-    std::vector<float> buf(ACT == ACT_SOFTMAX ? static_cast<size_t>(4 * P.C * W) : 0);
+    std::vector<float> buf(ACT == ACT_SOFTMAX && P.C > MAX_FIXED_C ? static_cast<size_t>(4 * P.C * MAX_W) : 0);
 #ifdef DUALDIFF_WITH_OPENMP
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
 #endif
     for (int64_t it = 0; it < items; ++it) {
       double* pt = part.data() + it * cp * 3;
-#ifdef DD_HAVE_AVX2
-      if (avx2) {
+#ifdef DD_HAVE_X86
+      if (isa == Isa::Avx512) {
+        fwd_item_avx512<ACT, SQ, GT>(x, g, P, it, pt, buf.data());
+        continue;
+      }
+      if (isa == Isa::Avx2) {
         fwd_item_avx2<ACT, SQ, GT>(x, g, P, it, pt, buf.data());
         continue;
       }
@@ -295,7 +465,7 @@ void forward(const float* x, const GT* g, const float* w, float* sums, float* lo
       fwd_item_base<ACT, SQ, GT>(x, g, P, it, pt, buf.data());
     }
   }
-  (void)avx2;
+  (void)isa;
   double total = 0.0;
   const int64_t kept = P.C - P.c0;
   for (int64_t r = 0; r < R; ++r) {
@@ -335,18 +505,22 @@ void backward(const float* x, const GT* g, const float* w, const float* sums, co
   }
   const int64_t groups = ACT == ACT_SOFTMAX ? P.B : R;
   const int64_t items = groups * P.n_chunks;
-  const bool avx2 = use_avx2();
+  const Isa isa = pick_isa();
 #ifdef DUALDIFF_WITH_OPENMP
-#pragma omp parallel
+#pragma omp parallel if (items > 1)
 #endif
   {
-    std::vector<float> buf(ACT == ACT_SOFTMAX ? static_cast<size_t>(2 * P.C * W) : 0);
+    std::vector<float> buf(ACT == ACT_SOFTMAX && P.C > MAX_FIXED_C ? static_cast<size_t>(2 * P.C * MAX_W) : 0);
 #ifdef DUALDIFF_WITH_OPENMP
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
 #endif
     for (int64_t it = 0; it < items; ++it) {
-#ifdef DD_HAVE_AVX2
-      if (avx2) {
+#ifdef DD_HAVE_X86
+      if (isa == Isa::Avx512) {
+        bwd_item_avx512<ACT, SQ, GT>(x, g, dx, P, it, ca.data(), cb.data(), buf.data());
+        continue;
+      }
+      if (isa == Isa::Avx2) {
         bwd_item_avx2<ACT, SQ, GT>(x, g, dx, P, it, ca.data(), cb.data(), buf.data());
         continue;
       }
@@ -354,7 +528,7 @@ void backward(const float* x, const GT* g, const float* w, const float* sums, co
       bwd_item_base<ACT, SQ, GT>(x, g, dx, P, it, ca.data(), cb.data(), buf.data());
     }
   }
-  (void)avx2;
+  (void)isa;
 }
 
 // Dispatch on (activation, squared, target dtype) to a template instance.

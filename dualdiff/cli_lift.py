@@ -207,7 +207,8 @@ def register_lift_commands(subparsers) -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="whole pipeline on the embedded data with the tiny config (CPU, minutes)")
     p.add_argument("--out-dir", default="runs/lift-demo", help="output folder (default runs/lift-demo)")
-    p.add_argument("--steps", type=int, default=200, help="training steps of the tiny model (default 200)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps of the tiny model (default: the tiny preset's, 600)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="LIFTAnalysisConfig overrides; prefix with train: for LIFTConfig ones (train:train.lr=1e-3)")
     p.set_defaults(func=_demo)

@@ -57,6 +57,16 @@ def test_defaults_match_the_issue():
         LIFTDataConfig(source="folder")
 
 
+def test_tiny_preset_ema_forgets_the_initial_weights():
+    """Regression: the demo sampled an EMA that (decay 0.99, no warm-up, 200 steps) still held
+    0.99**200 = 13% of the random initial weights, on top of a model too short-trained for its
+    high-noise ε (samples were per-pixel noise). The preset's EMA must forget the init."""
+    tr = LIFTConfig.tiny().train
+    assert 0 < tr.ema_warmup < tr.steps
+    assert tr.ema_decay ** (tr.steps - tr.ema_warmup) < 0.01
+    assert tr.steps >= 500  # measured: below ~500 steps the demo's samples show no structure
+
+
 def test_training_loss_falls_and_checkpoint_reloads(tmp_path, capsys):
     cfg = _micro(steps=30)
     trainer = train_lift(cfg, tmp_path / "run")

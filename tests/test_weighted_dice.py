@@ -347,3 +347,42 @@ def test_cuda_compile(backend):
     (gr,) = torch.autograd.grad(ref, xr)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(gx, gr, rtol=1e-4, atol=1e-7)
+
+
+_ISA_CHECK = """
+import torch
+from dualdiff.ops.weighted_dice import weighted_dice_loss, weighted_dice_loss_reference
+torch.manual_seed(0)
+for channels in (2, 3, 5, 8, 9):
+    x = torch.randn(2, channels, 19, 23, requires_grad=True)
+    g = torch.randint(0, 2, x.shape).bool()
+    w = torch.rand(2)
+    for act in ("softmax", "sigmoid"):
+        loss = weighted_dice_loss(x, g, w, activation=act, backend="cpp")
+        (gx,) = torch.autograd.grad(loss, x)
+        x_ref = x.detach().requires_grad_()
+        ref = weighted_dice_loss_reference(x_ref, g, w, activation=act)
+        (gref,) = torch.autograd.grad(ref, x_ref)
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gx, gref, rtol=1e-4, atol=1e-6)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2", "base"])
+def test_cpp_channel_variants_on_every_isa_path(tmp_path, isa):
+    """The cpp kernels have fixed-C softmax kernels for C = 2..8 and a generic one above, built
+    for AVX-512 / AVX2 / baseline and chosen once per process (DUALDIFF_CPU_ISA caps the choice),
+    so each ISA path runs in a fresh process (cwd outside the checkout: the installed package)."""
+    import os
+    import subprocess
+    import sys
+
+    _usable("cpp")
+    env = dict(os.environ)
+    env.pop("DUALDIFF_CPU_ISA", None)
+    if isa != "native":
+        env["DUALDIFF_CPU_ISA"] = isa
+    proc = subprocess.run([sys.executable, "-c", _ISA_CHECK], env=env, capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]

@@ -97,8 +97,11 @@ class LIFTAnalysisConfig:
     @classmethod
     def tiny(cls) -> "LIFTAnalysisConfig":
         """The demo's CPU-sized analysis."""
+        # eta = 1 (stochastic DDIM): the demo's briefly trained model has ε errors at high noise that
+        # deterministic DDIM (eta = 0) carries to the end as per-pixel noise; the added noise
+        # lets later steps correct them. Override with eta=0 for the seed's sampler.
         return cls(num_points=6, heatmap_samples=4, probes=2, cells_per_batch=6, num_steps=12, fixed_steps=8,
-                   max_jump=3, num_images=64, batch_size=32, grid_images=8, mse_samples=64,
+                   max_jump=3, num_images=64, batch_size=32, grid_images=8, mse_samples=64, eta=1.0,
                    paths=["diagonal", "dp_total", "dp_64", "fixed_total"])
 
 
@@ -309,13 +312,14 @@ def _fmt_path(p: GenerationPath) -> str:
     return f"{len(p.t64)} steps; start/mid/end {pts}"
 
 
-def run_demo(out_dir, *, train_overrides=(), analysis_overrides=(), steps: int | None = 200,
+def run_demo(out_dir, *, train_overrides=(), analysis_overrides=(), steps: int | None = None,
              quiet_progress: bool = True, print_fn=print) -> dict:
     """The whole pipeline on the embedded procedural data with the tiny config, on the CPU.
 
     train tiny model -> heatmap (small grid) -> DP / fixed-step paths -> generation along the
     paths -> MSE tests -> FID per path when the Inception weights are available (else says so).
     Prints a short report and writes it to ``out_dir/report.txt``; returns the numbers.
+    ``steps``: training steps (None: the tiny preset's, :meth:`LIFTConfig.tiny`).
     """
     from dualdiff.config import apply_overrides
     from dualdiff.experiments.lift import LIFTConfig, train_lift
@@ -397,7 +401,8 @@ def run_demo(out_dir, *, train_overrides=(), analysis_overrides=(), steps: int |
         fids = {}
         for name, p in paths["generation"].items():
             generate_for_fid(model, p, acfg.num_images, out / f"fid_{name}", acfg.batch_size, schedule=schedule,
-                             seed=acfg.seed, progress=not quiet_progress)
+                             seed=acfg.seed, eta=acfg.eta, clip_sample=acfg.clip_sample,
+                             progress=not quiet_progress)
             fids[name] = fid_from_folders(out / "real", out / f"fid_{name}", extractor=ext,
                                           cache_dir=acfg.fid_cache_dir or out / "fid_cache")
         report["fid"] = fids
