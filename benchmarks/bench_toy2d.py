@@ -33,7 +33,7 @@ SIZES = {"small": dict(embedding_dim=32, hidden_dim=64, hidden_layers=2),
 
 def bench_config(steps: int, size: str = "template", device: str = "cpu", **kw) -> Toy2DConfig:
     tsv = str(SHARED_TSV) if SHARED_TSV.is_file() else None
-    base = dict(steps=steps, device=device, progress=False, log_every=max(steps, 1),
+    base = dict(steps=steps, device=device, progress=False, log_every=max(steps, 1), checkpoint_every=0,
                 datasaurus_path=tsv, chunk_steps=min(100, steps), **SIZES[size])
     base.update(kw)
     return Toy2DConfig(**base)

@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=pathlib.Path, help="write the rows as JSON here")
     parser.add_argument("--only", help="comma-separated bench module names (e.g. bench_weighted_dice)")
+    parser.add_argument("--skip", help="comma-separated bench module names to leave out (e.g. bench_lift)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_report.py needs a CUDA GPU", file=sys.stderr)
@@ -71,17 +72,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {torch.cuda.get_device_name(device)}  torch {torch.__version__}  copy bandwidth {bw / 1e12:.2f} TB/s")
     rows = []
     only = set(args.only.split(",")) if args.only else None
+    skip = set(args.skip.split(",")) if args.skip else set()
     for mod in load_bench_modules():
-        if only and mod.__name__ not in only:
+        if (only and mod.__name__ not in only) or mod.__name__ in skip:
             continue
         try:
             rows.extend(mod.gpu_rows(timeit, device))
         except Exception as exc:  # report and go on with the other ops
             print(f"{mod.__name__}: FAILED {type(exc).__name__}: {exc}", file=sys.stderr)
     eager = {(r["op"], r["shape"]): r["time_us"] for r in rows if r["variant"] == "eager"}
-    header = f"| op | shape | variant | time (µs) | vs eager | GB/s | % copy BW |"
+    header = f"| op | shape | variant | time (µs) | vs eager | GB/s | % copy BW | note |"
     print(header)
-    print("|" + "---|" * 7)
+    print("|" + "---|" * 8)
     for r in rows:
         gbs = r["bytes"] / (r["time_us"] * 1e-6) / 1e9 if r.get("bytes") else None
         r["gb_per_s"] = gbs
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['speedup_vs_eager']:.2f}x | " if r["speedup_vs_eager"] else f"| {r['op']} | {r['shape']} | {r['variant']} | {r['time_us']:.1f} | - | ",
             end="",
         )
-        print(f"{gbs:.0f} | {100 * r['copy_share']:.0f} % |" if gbs else "- | - |")
+        print(f"{gbs:.0f} | {100 * r['copy_share']:.0f} % |" if gbs else "- | - |", r.get("note", ""), "|")
     if args.out:
         args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(device),
                                         "torch": torch.__version__, "copy_bw": bw, "rows": rows}, indent=2))

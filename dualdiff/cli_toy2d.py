@@ -49,8 +49,10 @@ def _run(args: argparse.Namespace) -> int:
     cfg.validate()
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
-    res = run_grid(None, None, cfg, args.out)
+    res = run_grid(None, None, cfg, args.out, resume=args.resume)
     t = res["timing"]
+    if t["resumed_from_step"]:
+        print(f"resumed at step {t['resumed_from_step']}: the time below covers the rest")
     print(f"grid of {t['grid_runs']} runs, {t['steps']} steps on {t['device_name']}: "
           f"{t['grid_training_time']:.2f} s training "
           f"({t['training_time_per_run']:.2f} s per run; first {t['grid_first_steps']} steps "
@@ -97,6 +99,9 @@ def register_toy2d_commands(subparsers) -> argparse.ArgumentParser:
     run.add_argument("--compile", action="store_true",
                      help="torch.compile the grid's training step (add compile_mode="
                           "reduce-overhead for CUDA graphs)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue from the newest grid checkpoint in OUT/train/checkpoints "
+                          "(training already finished: evaluate only)")
     run.add_argument("--show-config", action="store_true",
                      help="list every config key with its type and default, then exit")
     run.add_argument("overrides", nargs="*", metavar="key=value",

@@ -4,11 +4,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+import torch.distributed as dist
 
 from dualdiff.cli_lift import main, register_lift_commands
 
@@ -82,3 +86,31 @@ def test_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert main(["lift", "fid", str(gen), str(gen), "--no-download", "--device", "cpu"]) == 2
     assert "--inception-weights" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                    reason="needs torch.distributed")
+def test_heatmap_under_torchrun_equals_one_process(tmp_path):
+    """`torchrun --nproc_per_node 2 -m dualdiff lift heatmap`: each rank computes every other cell
+    and writes its shard, rank 0 merges; the merged map equals the single-process one."""
+    run = tmp_path / "run"
+    assert main(["lift", "train", "--preset", "tiny", "--out-dir", str(run), "train.steps=2", "train.batch_size=4",
+                 "data.num_images=8", "train.checkpoint_every=2"]) == 0
+    small = ["device=cpu", "num_points=3", "heatmap_samples=2", "probes=2", "cells_per_batch=2"]
+    assert main(["lift", "heatmap", "--checkpoint", str(run), "--out-dir", str(tmp_path / "one"), *small]) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dualdiff",
+           "lift", "heatmap", "--checkpoint", str(run), "--out-dir", str(tmp_path / "two"), *small]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    shards = sorted(p.name for p in (tmp_path / "two").glob("heatmap_shard*.pt"))
+    assert shards == ["heatmap_shard000of002.pt", "heatmap_shard001of002.pt"]
+    counts = [int(torch.load(tmp_path / "two" / s, weights_only=True)["computed"].sum()) for s in shards]
+    assert counts == [5, 4]
+    one = torch.load(tmp_path / "one" / "heatmap.pt", weights_only=True)
+    two = torch.load(tmp_path / "two" / "heatmap.pt", weights_only=True)
+    assert two["meta"]["merged_from"] == 2 and bool(two["computed"].all())
+    torch.testing.assert_close(two["error_64"], one["error_64"], rtol=1e-5, atol=0)
+    torch.testing.assert_close(two["error_32"], one["error_32"], rtol=1e-5, atol=0)

@@ -153,3 +153,42 @@ def test_grid_and_bad_inputs(schedule):
         compute_error_heatmap(m, x, schedule, num_points=2, shard=(2, 2), progress=False)
     with pytest.raises(ValueError, match="gammas"):
         compute_error_heatmap(m, x, schedule, torch.tensor([1.0, 0.5]), progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_lift():
+    from dualdiff.models.lift import LIFTDualTimestepModel, LIFTModelConfig
+
+    torch.manual_seed(0)
+    cfg = LIFTModelConfig.tiny()
+    cfg.image_size = 16
+    return LIFTDualTimestepModel(cfg).eval()
+
+
+def test_bf16_autocast_stays_close_to_fp32(schedule, tiny_lift):
+    """amp="bf16" runs the LIFT UNet (attention + GroupNorm) under autocast inside the jvp; on the
+    same noise and probes every cell stays within a few per cent of the fp32 map (the issue's 1 %
+    is measured on the default model by benchmarks/bench_lift.py)."""
+    x = _images(4, size=16)
+    kw = dict(num_points=3, probes=2, seed=3, cells_per_batch=9, progress=False)
+    ref = compute_error_heatmap(tiny_lift, x, schedule, **kw)
+    low = compute_error_heatmap(tiny_lift, x, schedule, amp="bf16", **kw)
+    assert low.meta["amp"] == "bf16" and ref.meta["amp"] == "off"
+    for a, b in ((low.error_64, ref.error_64), (low.error_32, ref.error_32)):
+        rel = ((a - b).abs() / b).max().item()
+        assert 0 < rel < 0.05, rel  # bf16 is really used (not bit-identical), and close
+    with pytest.raises(ValueError, match="amp"):
+        compute_error_heatmap(tiny_lift, x, schedule, amp="fp8", **kw)
+
+
+def test_compiled_heatmap_equals_eager(schedule, tiny_lift):
+    """compile=True (one compiled batched jvp per scale, reused across cell batches, including a
+    smaller last batch) gives the eager values."""
+    x = _images(2, size=16)
+    kw = dict(num_points=3, probes=2, seed=5, cells_per_batch=4, progress=False)
+    eager = compute_error_heatmap(tiny_lift, x, schedule, **kw)
+    torch._dynamo.reset()
+    comp = compute_error_heatmap(tiny_lift, x, schedule, compile=True, **kw)
+    assert comp.meta["compile"] is True
+    torch.testing.assert_close(comp.error_64, eager.error_64, rtol=1e-4, atol=0)
+    torch.testing.assert_close(comp.error_32, eager.error_32, rtol=1e-4, atol=0)

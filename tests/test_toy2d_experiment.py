@@ -227,6 +227,30 @@ def test_stacked_training_equals_training_each_run_alone(tmp_path):
         assert any(not torch.equal(init[k], ref[k]) for k in ref)
 
 
+def test_grid_resumes_exactly_after_a_crash(tmp_path):
+    """A grid stopped at step 9 (checkpoints every 4 steps and at the stop) and resumed ends
+    with the weights, EMA weights and per-step losses of the uninterrupted run; a resume of a
+    finished grid trains nothing."""
+    cfg = tiny_config(steps=14, checkpoint_every=4, keep_checkpoints=2)
+    runs = [(v, d) for v in ("baseline", "adaptive") for d in ("circle", "line")]
+    data = load_datasets(["circle", "line"], cfg)
+    full = train_grid(runs, data, cfg, tmp_path / "full")
+    part = train_grid(runs, data, cfg, tmp_path / "cut", until=9)
+    assert part.trainer.step == 9 and (part.train_losses[9:] == 0).all()
+    ckpts = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir())
+    assert len(ckpts) == 2  # steps 8 and 9: keep_checkpoints
+    rest = train_grid(runs, data, cfg, tmp_path / "cut", resume=True)
+    assert rest.resumed_from_step == 9 and rest.trainer.step == 14
+    np.testing.assert_array_equal(rest.train_losses, full.train_losses)
+    for got, want in ((rest.model, full.model), (rest.ema_model, full.ema_model)):
+        for a, b in zip(got.run_state_dicts(), want.run_state_dicts()):
+            for k in a:
+                torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    again = train_grid(runs, data, cfg, tmp_path / "cut", resume=True)
+    assert again.resumed_from_step == 14
+    np.testing.assert_array_equal(again.train_losses, full.train_losses)
+
+
 def test_compiled_grid_matches_eager(tmp_path):
     """torch.compile of the grid step (vmap + functional_call traced whole; aot_eager keeps the
     CPU time down) trains to the same weights as eager."""
@@ -351,6 +375,16 @@ def test_cli_tiny_run_and_replot(tmp_path, capsys):
     info = json.loads((out / "fixed" / "line" / "final_info.json").read_text())
     assert info["steps"] == 6 and set(SEED_KEYS) <= set(info)
     assert not (out / "fixed" / "line" / "ema_model.pt").exists()
+    # --resume of the finished grid: no training, the same evaluation
+    args = _parser().parse_args([
+        "toy2d", "run", "--datasets", "line,moons", "--variants", "fixed,adaptive_deep",
+        "--steps", "6", "--out", str(out), "--resume", "n_train=300", "batch_size=16",
+        "num_timesteps=10", "n_samples=100", "embedding_dim=16", "hidden_dim=16", "hidden_layers=1",
+        "chunk_steps=3", "progress=false", "save_models=false"])
+    assert args.func(args) == 0
+    assert "resumed at step 6" in capsys.readouterr().out
+    again = json.loads((out / "fixed" / "line" / "final_info.json").read_text())
+    assert again["resumed_from_step"] == 6 and again["kl_divergence"] == info["kl_divergence"]
     (out / "train_loss.png").unlink()
     args = _parser().parse_args(["toy2d", "plot", "--out", str(out)])
     assert args.func(args) == 0

@@ -67,6 +67,7 @@ __all__ = [
 ]
 
 TARGETS = ("x0", "eps")
+AMP_MODES = {"off": None, "bf16": torch.bfloat16}
 CHAIN_RULE_SNR = ("timestep", "grid")
 
 
@@ -216,27 +217,39 @@ class _ScaleFn:
     """``z_s -> x̂_s`` (or ``ε̂_s``) for one scale, the other scale's input fixed.
 
     Called by hutchinson_vhv on ``k`` probe-major repeats of the cell batch: the fixed input
-    and timesteps are repeated to match.
+    and timesteps are repeated to match. With ``amp_dtype`` the model runs under autocast and
+    its output is cast back to ``z``'s dtype before the x0-prediction (so the squared JVPs are
+    summed in full precision).
     """
 
-    def __init__(self, model, scale: int, z_other, t64, t32, schedule, target):
+    def __init__(self, model, scale: int, z_other, t64, t32, schedule, target, amp_dtype=None):
         self.model, self.scale, self.z_other = model, scale, z_other
         self.t64, self.t32, self.schedule, self.target = t64, t32, schedule, target
+        self.amp_dtype = amp_dtype
 
     def __call__(self, z):
         b = self.z_other.shape[0]
         k = z.shape[0] // b
         rep = lambda x: x.repeat(k, *([1] * (x.dim() - 1))) if k > 1 else x
         other, t64, t32 = rep(self.z_other), rep(self.t64), rep(self.t32)
-        if self.scale == 0:
-            out = self.model(z, other, t64, t32)[0]
-            t = t64
-        else:
-            out = self.model(other, z, t64, t32)[1]
-            t = t32
+        with torch.autocast(z.device.type, dtype=self.amp_dtype or torch.bfloat16,
+                            enabled=self.amp_dtype is not None):
+            if self.scale == 0:
+                out = self.model(z, other, t64, t32)[0]
+            else:
+                out = self.model(other, z, t64, t32)[1]
+        out = out.to(z.dtype)
+        t = t64 if self.scale == 0 else t32
         if self.target == "eps":
             return out
         return predict_start_from_noise(z, t, out, self.schedule)
+
+
+def _scale_vhv(model, scale: int, z, z_other, t64, t32, eps, v: float, chunk_size, schedule, target,
+               amp_dtype):
+    """``v · vhv`` of one scale for a batch of cells (what ``compile=True`` compiles)."""
+    fn = _ScaleFn(model, scale, z_other, t64, t32, schedule, target, amp_dtype)
+    return hutchinson_vhv(fn, z, probes=None, v=v, chunk_size=chunk_size, eps=eps) * v
 
 
 def _cell_draws(cells: Sequence[int], seed: int, n: int, shape64, shape32, probes: int, device, dtype):
@@ -282,6 +295,8 @@ def compute_error_heatmap(
     shard: tuple[int, int] | None = None,
     progress: bool = True,
     dtype: torch.dtype | None = None,
+    amp: str = "off",
+    compile: bool = False,
 ) -> HeatmapResult:
     """Estimate the per-scale discretization error on a (γ0, γ1) grid (module docstring).
 
@@ -303,6 +318,13 @@ def compute_error_heatmap(
         shard: ``(rank, world)``: compute only cells ``rank, rank + world, ...`` (flat index
             ``i·N + j``); the others stay NaN with ``computed`` False.
         dtype: compute dtype of the noised inputs (default: the images' dtype).
+        amp: "off" (default) or "bf16": run the model under bfloat16 autocast (matmuls and
+            convolutions in bf16, the squared JVP norms still summed in float32). On the same
+            noise and probes it stays close to the fp32 map (the benchmark reports the largest
+            per-cell difference); the estimator's own noise at K = 8 probes is far larger.
+        compile: ``torch.compile`` the batched jvp of each scale (one graph per scale, reused for
+            every batch of cells; the last, smaller batch may compile once more). Models should
+            use :class:`dualdiff.nn.GroupNorm` and :class:`dualdiff.nn.SelfAttention2d`.
 
     Returns a :class:`HeatmapResult` (float64 maps on the CPU).
     """
@@ -312,6 +334,9 @@ def compute_error_heatmap(
         raise ValueError(f"chain_rule_snr must be one of {CHAIN_RULE_SNR}, got {chain_rule_snr!r}")
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp must be one of {tuple(AMP_MODES)}, got {amp!r}")
+    amp_dtype = AMP_MODES[amp]
     for name, val in (("probes", probes), ("cells_per_batch", cells_per_batch)):
         if isinstance(val, bool) or not isinstance(val, int) or val < 1:
             raise ValueError(f"{name} must be an int >= 1, got {val!r}")
@@ -349,6 +374,8 @@ def compute_error_heatmap(
         model.eval()
     bar = _progress(len(cells), progress, "error heatmap")
     ts_dev = ts.to(device)
+    sched_dev = schedule.to(device)
+    scale_vhv = torch.compile(_scale_vhv, dynamic=False) if compile else _scale_vhv
     try:
         with torch.no_grad():
             for start in range(0, len(cells), cells_per_batch):
@@ -360,12 +387,12 @@ def compute_error_heatmap(
                 t32 = ts_dev[jj.to(device)].repeat_interleave(n)
                 noise64, noise32, p64, p32 = _cell_draws(batch, seed, n, x64.shape[1:], x32.shape[1:],
                                                          probes, device, dtype)
-                z64 = q_sample(x64.repeat(c, 1, 1, 1), t64, noise64, schedule)
-                z32 = q_sample(x32.repeat(c, 1, 1, 1), t32, noise32, schedule)
-                f64 = _ScaleFn(model, 0, z32, t64, t32, schedule, target)
-                f32 = _ScaleFn(model, 1, z64, t64, t32, schedule, target)
-                vhv64 = hutchinson_vhv(f64, z64, probes=None, v=v64, chunk_size=chunk_size, eps=p64) * v64
-                vhv32 = hutchinson_vhv(f32, z32, probes=None, v=v32, chunk_size=chunk_size, eps=p32) * v32
+                z64 = q_sample(x64.repeat(c, 1, 1, 1), t64, noise64, sched_dev)
+                z32 = q_sample(x32.repeat(c, 1, 1, 1), t32, noise32, sched_dev)
+                vhv64 = scale_vhv(model, 0, z64, z32, t64, t32, p64, v64, chunk_size, sched_dev, target,
+                                  amp_dtype)
+                vhv32 = scale_vhv(model, 1, z32, z64, t64, t32, p32, v32, chunk_size, sched_dev, target,
+                                  amp_dtype)
                 m64 = vhv64.double().reshape(c, n).mean(dim=1).cpu()
                 m32 = vhv32.double().reshape(c, n).mean(dim=1).cpu()
                 e64[ii, jj] = m64 * factor[ii]
@@ -385,6 +412,7 @@ def compute_error_heatmap(
                                       "times 1/(SNR(1+SNR))",
         "schedule": schedule.name, "num_timesteps": schedule.num_timesteps,
         "shard": list(shard) if shard is not None else None, "dtype": str(dtype).replace("torch.", ""),
+        "amp": amp, "compile": bool(compile),
     }
     return HeatmapResult(gammas=g, timesteps=ts, snr=snr_t, error_64=e64, error_32=e32, computed=done, meta=meta)
 

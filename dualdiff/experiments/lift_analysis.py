@@ -50,7 +50,9 @@ class LIFTAnalysisConfig:
 
     Heatmap: ``num_points`` x ``num_points`` grid log-spaced in [gamma_min, gamma_max],
     ``heatmap_samples`` real images per cell, ``probes`` Hutchinson probes, ``chunk_size`` probes
-    per pass, ``cells_per_batch`` cells per batched call, ``target`` x0 / eps, ``chain_rule_snr``.
+    per pass, ``cells_per_batch`` cells per batched call, ``target`` x0 / eps, ``chain_rule_snr``,
+    ``heatmap_amp`` off / bf16 (autocast of the model) and ``heatmap_compile`` (torch.compile the
+    batched jvp).
     Paths: ``num_steps`` sampling points (diagonal / seed DP), ``fixed_steps`` moves and
     ``max_jump`` of the fixed-step DP, ``paths`` the kinds generated and compared.
     Generation: ``num_images`` for FID, ``batch_size``, ``eta``, ``clip_sample``, ``grid_images``.
@@ -66,6 +68,8 @@ class LIFTAnalysisConfig:
     cells_per_batch: int = 4
     target: Literal["x0", "eps"] = "x0"
     chain_rule_snr: Literal["timestep", "grid"] = "timestep"
+    heatmap_amp: Literal["off", "bf16"] = "off"
+    heatmap_compile: bool = False
     seed: int = 0
     num_steps: int = 50
     fixed_steps: int = 18
@@ -158,7 +162,7 @@ def run_heatmap(checkpoint, out_dir, cfg: LIFTAnalysisConfig, *, progress: bool 
         model, x, schedule, num_points=cfg.num_points, gamma_min=cfg.gamma_min, gamma_max=cfg.gamma_max,
         probes=cfg.probes, chunk_size=cfg.chunk_size, cells_per_batch=cfg.cells_per_batch, seed=cfg.seed,
         target=cfg.target, chain_rule_snr=cfg.chain_rule_snr, shard=(rank, world) if world > 1 else None,
-        progress=progress and rank == 0)
+        progress=progress and rank == 0, amp=cfg.heatmap_amp, compile=cfg.heatmap_compile)
     res.meta["checkpoint"] = str(checkpoint)
     if world == 1:
         res.save(out / "heatmap")

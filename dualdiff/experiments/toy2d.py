@@ -59,6 +59,9 @@ Outputs under ``out_dir``::
     all_results.json                      every run's metrics, the timings and the config
     train_loss.png, generated_images.png, weight_evolution.png
     train/                                the Trainer's metrics.jsonl and config.yaml
+    train/checkpoints/                    grid checkpoints (every ``checkpoint_every`` steps and
+                                          the final one): ``run_grid(resume=True)`` /
+                                          ``dualdiff toy2d run --resume`` continue from them
 """
 from __future__ import annotations
 
@@ -147,6 +150,8 @@ class Toy2DConfig:
     clip_mode: str = "exact"  # per-run clipping implementation: exact | batched
     fused_optimizer: bool | None = None  # AdamW(fused=...): None = fused on CUDA
     log_every: int = 100
+    checkpoint_every: int = 2000  # grid checkpoints under <out>/train/checkpoints (0 = none)
+    keep_checkpoints: int = 2  # the newest kept (the final one included)
     warmup_steps_timed: int = 3
     progress: bool = True
     save_models: bool = True
@@ -168,7 +173,8 @@ class Toy2DConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        for name in ("hidden_layers", "ema_warmup", "warmup_steps_timed"):
+        for name in ("hidden_layers", "ema_warmup", "warmup_steps_timed", "checkpoint_every",
+                     "keep_checkpoints"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")
@@ -383,8 +389,11 @@ class ToyGridModel(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # training
 # ---------------------------------------------------------------------------------------------
-def train_config(config: Toy2DConfig, out_dir: Path, device: torch.device) -> TrainConfig:
-    """The :class:`TrainConfig` of the template's settings (module docstring)."""
+def train_config(config: Toy2DConfig, out_dir: Path, device: torch.device,
+                 resume: bool = False) -> TrainConfig:
+    """The :class:`TrainConfig` of the template's settings (module docstring); with
+    ``config.checkpoint_every`` the grid is checkpointed (and saved at the end), and ``resume``
+    continues from the newest checkpoint in ``out_dir`` when there is one."""
     fused = config.fused_optimizer
     if fused is None:
         fused = device.type == "cuda"
@@ -397,9 +406,10 @@ def train_config(config: Toy2DConfig, out_dir: Path, device: torch.device) -> Tr
         scheduler="cosine", warmup_steps=0, min_lr_ratio=0.0,
         grad_clip=config.grad_clip or None, amp="off", compile=config.compile,
         compile_kwargs=compile_kwargs, ema_decay=config.ema_decay, ema_every=config.ema_every,
-        ema_warmup=config.ema_warmup, out_dir=str(out_dir), checkpoint_every=0,
-        save_final=False, log_every=config.log_every, seed=config.seed, device=str(device),
-        progress=config.progress, log_grad_norm=True)
+        ema_warmup=config.ema_warmup, out_dir=str(out_dir), checkpoint_every=config.checkpoint_every,
+        keep_last=config.keep_checkpoints, save_final=config.checkpoint_every > 0,
+        resume="auto" if resume else None, log_every=config.log_every, seed=config.seed,
+        device=str(device), progress=config.progress, log_grad_norm=True)
 
 
 def _sync(device: torch.device) -> None:
@@ -418,11 +428,18 @@ class GridTraining:
     seconds: float             # wall time of the whole training (incl. compile warm-up)
     first_steps_seconds: float  # wall time of the first warmup_steps_timed steps
     device: torch.device
+    resumed_from_step: int = 0  # > 0: this process trained only the steps after it
 
 
 def train_grid(runs: Sequence[tuple[str, str]], data: dict[str, torch.Tensor],
-               config: Toy2DConfig, out_dir: str | Path) -> GridTraining:
-    """Train every run of ``runs`` (variant-major ``(variant, dataset)`` pairs) together."""
+               config: Toy2DConfig, out_dir: str | Path, *, resume: bool = False,
+               until: int | None = None) -> GridTraining:
+    """Train every run of ``runs`` (variant-major ``(variant, dataset)`` pairs) together.
+
+    ``resume``: continue from the newest checkpoint in ``out_dir/checkpoints`` if there is one
+    (exactly: batches are indexed by step, and the per-step losses are a buffer of the
+    checkpointed model). ``until``: stop after that step (a simulated preemption).
+    """
     runs = [tuple(r) for r in runs]
     device = default_device(config.device)
     schedule = make_toy_schedule(config)
@@ -430,9 +447,10 @@ def train_grid(runs: Sequence[tuple[str, str]], data: dict[str, torch.Tensor],
     grid = ToyGridModel(runs, models, schedule)
     grid.set_clip_mode(config.clip_mode)
     del models
+    # every run's loss at every step; a buffer, so checkpoints carry it and resume restores it
+    grid.register_buffer("train_losses", torch.zeros(config.steps, len(runs)))
     batches = GridBatches([data[d] for _, d in runs],
                           [run_seeds(config, v, d)["data"] for v, d in runs], config, device)
-    history = torch.zeros(config.steps, len(runs), device=device)
     cudagraphs = config.compile and config.compile_mode in ("reduce-overhead",
                                                             "max-autotune")
 
@@ -440,27 +458,31 @@ def train_grid(runs: Sequence[tuple[str, str]], data: dict[str, torch.Tensor],
         if cudagraphs and device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
         losses = model(batch["x0"], batch["t"], batch["noise"])
+        history = grid.train_losses  # looked up per call: .to() and resume replace the tensor
         if batch["index"] < history.shape[0]:  # (steps beyond config.steps: benchmarks)
             history[batch["index"]] = losses.detach()
         return losses.sum()
 
-    trainer = Trainer(grid, loss_fn, batches, train_config(config, Path(out_dir), device),
+    trainer = Trainer(grid, loss_fn, batches, train_config(config, Path(out_dir), device, resume),
                       run_config=config)
+    start = trainer.step
+    if start:
+        log.info("toy2d: resumed the grid at step %d of %d", start, config.steps)
     try:
         _sync(device)
         t0 = time.perf_counter()
         first = min(config.warmup_steps_timed, config.steps)
-        if first:
-            trainer.fit(until=first)
+        if first and start < first:
+            trainer.fit(until=first if until is None else min(first, until))
             _sync(device)
         t1 = time.perf_counter()
-        trainer.fit()
+        trainer.fit(until=until)
         _sync(device)
         t2 = time.perf_counter()
     finally:
         trainer.close()
     return GridTraining(runs, trainer, trainer.model, trainer.ema_model,
-                        history.cpu().numpy(), t2 - t0, t1 - t0, device)
+                        grid.train_losses.cpu().numpy(), t2 - t0, t1 - t0, device, start)
 
 
 def train_sequential(runs: Sequence[tuple[str, str]], data: dict[str, torch.Tensor],
@@ -586,8 +608,13 @@ def _jsonable(v):
 
 def run_grid(datasets: Sequence[str] | str | None = None,
              variants: Sequence[str] | str | None = None,
-             config: Toy2DConfig | None = None, out_dir: str | Path = "runs/toy2d") -> dict:
+             config: Toy2DConfig | None = None, out_dir: str | Path = "runs/toy2d",
+             resume: bool = False) -> dict:
     """Train, evaluate, save and plot the grid ``variants x datasets`` (module docstring).
+
+    ``resume``: continue training from the newest checkpoint in ``out_dir/train/checkpoints``
+    (when training had finished, go straight to the evaluation). Timings then cover only the
+    steps trained by this call; ``resumed_from_step`` says where it started.
 
     ``datasets`` / ``variants`` (lists or comma-separated strings) default to the config's.
     Returns ``{"runs": {"<variant>/<dataset>": final_info}, "timing": {...}, "out_dir": str}``.
@@ -605,7 +632,7 @@ def run_grid(datasets: Sequence[str] | str | None = None,
     log.info("toy2d: training %d runs (%s x %s) for %d steps", len(runs),
              ",".join(config.variants), ",".join(config.datasets), config.steps)
 
-    tr = train_grid(runs, data, config, out / "train")
+    tr = train_grid(runs, data, config, out / "train", resume=resume)
     R = len(runs)
     device = tr.device
     schedule = make_toy_schedule(config)
@@ -614,6 +641,7 @@ def run_grid(datasets: Sequence[str] | str | None = None,
     timing = {"grid_training_time": tr.seconds, "grid_first_steps_time": tr.first_steps_seconds,
               "grid_first_steps": min(config.warmup_steps_timed, config.steps),
               "grid_runs": R, "training_time_per_run": tr.seconds / R,
+              "resumed_from_step": tr.resumed_from_step,
               "steps": config.steps, "device": str(device),
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
               else "cpu", "compile": config.compile, "compile_mode": config.compile_mode,
@@ -649,6 +677,8 @@ def run_grid(datasets: Sequence[str] | str | None = None,
                     "device": str(device), "seed": config.seed}
             if kl_note:
                 info["kl_note"] = kl_note
+            if tr.resumed_from_step:
+                info["resumed_from_step"] = tr.resumed_from_step
             info = {k: _jsonable(val) for k, val in info.items()}
             run_dir = out / v / d
             run_dir.mkdir(parents=True, exist_ok=True)
