@@ -19,8 +19,9 @@ B samples) from the seed loop's, on the same noise and probes.
 Training step (B images, LIFT ε-loss on both scales, AdamW, grad clip 1.0):
   eager fp32         a plain loop: zero_grad, forward, backward, clip, step
   compile+bf16       the same loop, model under torch.compile, bfloat16 autocast
-  dualdiff Trainer   ``dualdiff.train.Trainer.train_step`` with amp=bf16, compile=True (what
-                     ``dualdiff lift train`` runs on a GPU: also the EMA update and logging)
+  dualdiff Trainer   ``dualdiff.train.Trainer.train_step`` with amp=bf16, compile=True and, on
+                     CUDA, fused AdamW (``dualdiff lift train train.compile=true
+                     train.optimizer_kwargs={fused: true}``; also the EMA update and logging)
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from dualdiff.analysis.generate import generate, make_path
-from dualdiff.analysis.heatmap import _scale_vhv, _ScaleFn, compute_error_heatmap
+from dualdiff.analysis.heatmap import _scale_vhv, _ScaleFn, auto_cells_per_batch, compute_error_heatmap
 from dualdiff.data.images import ProceduralDualScaleImages
 from dualdiff.diffusion import make_schedule, q_sample, snr_to_timestep
 from dualdiff.experiments.lift import LIFTLoss
@@ -174,6 +175,7 @@ def train_rows(timeit, device, size: str = "default", batch: int = 64) -> list[d
     def trainer_step():
         model = build_model(size, device).train()
         cfg = TrainConfig(steps=10**6, batch_size=batch, lr=1e-4, weight_decay=0.01, grad_clip=1.0,
+                          optimizer_kwargs={"fused": True} if device.type == "cuda" else {},
                           amp="bf16", compile=True, ema_decay=0.9999, device=str(device),
                           checkpoint_every=0, save_final=False, log_every=10**6, progress=False,
                           out_dir=tempfile.mkdtemp(prefix="bench_lift_"))
@@ -193,22 +195,28 @@ def train_rows(timeit, device, size: str = "default", batch: int = 64) -> list[d
 # ---------------------------------------------------------------------------------------------
 # full heatmap, generation
 # ---------------------------------------------------------------------------------------------
-def heatmap_rows(device, size: str = "default", num_points: int = 15, n: int = 16, probes: int = 8,
-                 cells_per_batch: int = 4) -> list[dict]:
-    """The whole grid: eager fp32, compiled fp32, compiled bf16 (largest per-cell difference)."""
+def heatmap_rows(device, size: str = "default", num_points: int = 15, n: int = 16,
+                 probes: int = 8) -> list[dict]:
+    """The whole grid: eager fp32, compiled fp32, compiled bf16 (largest per-cell difference).
+    Compilation happens in a warm-up on a small grid that has the same batch shapes (full
+    batches of cells and the smaller last one), outside the timing."""
     model = build_model(size, device)
     sched = make_schedule("lift_cosine", 1000)
     x = real_images(n, device)
-    kw = dict(num_points=num_points, probes=probes, seed=0, cells_per_batch=cells_per_batch, progress=False)
+    cpb = auto_cells_per_batch(n, probes, None, device)
+    cells = num_points * num_points
+    warm = next(k for k in range(2, num_points + 1) if k * k >= cpb and k * k % cpb == cells % cpb)
+    kw = dict(probes=probes, seed=0, cells_per_batch=cpb, progress=False)
     rows, maps = [], {}
     for name, extra in (("eager", {}), ("compile", dict(compile=True)),
                         ("compile+bf16", dict(compile=True, amp="bf16"))):
-        if name != "eager":  # compile once outside the timing (the first cell batch)
-            compute_error_heatmap(model, x, sched, **{**kw, "num_points": 2, "cells_per_batch": cells_per_batch}, **extra)
+        if name != "eager":
+            compute_error_heatmap(model, x, sched, num_points=warm, **kw, **extra)
         res = {}
-        sec = wall_seconds(lambda: res.setdefault("r", compute_error_heatmap(model, x, sched, **kw, **extra)), device)
+        sec = wall_seconds(lambda: res.setdefault(
+            "r", compute_error_heatmap(model, x, sched, num_points=num_points, **kw, **extra)), device)
         maps[name] = res["r"]
-        note = f"{num_points}x{num_points} cells"
+        note = f"{num_points}x{num_points} cells, {cpb} per batch"
         if name != "eager":
             ref = maps["eager"]
             rel = max(float(((maps[name].error_64 - ref.error_64).abs() / ref.error_64).max()),

@@ -238,7 +238,10 @@ def test_grid_resumes_exactly_after_a_crash(tmp_path):
     part = train_grid(runs, data, cfg, tmp_path / "cut", until=9)
     assert part.trainer.step == 9 and (part.train_losses[9:] == 0).all()
     ckpts = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir())
-    assert len(ckpts) == 2  # steps 8 and 9: keep_checkpoints
+    assert ckpts == ["step_00000008.pt", "step_00000009.pt"]  # keep_checkpoints=2
+    # none written after the (timed) first warmup_steps_timed steps
+    assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir()) == \
+        ["step_00000012.pt", "step_00000014.pt"]
     rest = train_grid(runs, data, cfg, tmp_path / "cut", resume=True)
     assert rest.resumed_from_step == 9 and rest.trainer.step == 14
     np.testing.assert_array_equal(rest.train_losses, full.train_losses)

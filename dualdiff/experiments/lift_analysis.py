@@ -65,7 +65,7 @@ class LIFTAnalysisConfig:
     heatmap_samples: int = 16
     probes: int = 8
     chunk_size: int | None = None
-    cells_per_batch: int = 4
+    cells_per_batch: int | None = None  # None: 4 on CUDA, small passes on the CPU
     target: Literal["x0", "eps"] = "x0"
     chain_rule_snr: Literal["timestep", "grid"] = "timestep"
     heatmap_amp: Literal["off", "bf16"] = "off"
@@ -93,7 +93,9 @@ class LIFTAnalysisConfig:
             raise ValueError(f"num_points must be >= 2, got {self.num_points}")
         if not 0 < self.gamma_min < self.gamma_max:
             raise ValueError(f"need 0 < gamma_min < gamma_max, got {self.gamma_min}, {self.gamma_max}")
-        for k in ("heatmap_samples", "probes", "cells_per_batch", "num_steps", "fixed_steps", "max_jump",
+        if self.cells_per_batch is not None and self.cells_per_batch < 1:
+            raise ValueError(f"cells_per_batch must be >= 1 or None, got {self.cells_per_batch}")
+        for k in ("heatmap_samples", "probes", "num_steps", "fixed_steps", "max_jump",
                   "num_images", "batch_size", "grid_images", "mse_samples"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
@@ -104,7 +106,7 @@ class LIFTAnalysisConfig:
         # eta = 1 (stochastic DDIM): the demo's briefly trained model has ε errors at high noise that
         # deterministic DDIM (eta = 0) carries to the end as per-pixel noise; the added noise
         # lets later steps correct them. Override with eta=0 for the seed's sampler.
-        return cls(num_points=6, heatmap_samples=4, probes=2, cells_per_batch=6, num_steps=12, fixed_steps=8,
+        return cls(num_points=6, heatmap_samples=4, probes=2, num_steps=12, fixed_steps=8,
                    max_jump=3, num_images=64, batch_size=32, grid_images=8, mse_samples=64, eta=1.0,
                    paths=["diagonal", "dp_total", "dp_64", "fixed_total"])
 
