@@ -53,6 +53,7 @@ def test_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     assert hm["error_64"].shape == (3, 3) and torch.isfinite(hm["error_total"]).all()
     assert (hm["error_total"] > 0).all()
     assert json.loads((out / "heatmap.json").read_text())["meta"]["probes"] == 1
+    assert not list(out.glob("heatmap_partial*"))  # the progress file goes once the map is saved
 
     assert main(["lift", "path", "--heatmap", str(out / "heatmap.pt"), "--out-dir", str(out), *small,
                  "paths=[diagonal, dp_total, dp_64, fixed_total]"]) == 0
@@ -107,6 +108,7 @@ def test_heatmap_under_torchrun_equals_one_process(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     shards = sorted(p.name for p in (tmp_path / "two").glob("heatmap_shard*.pt"))
     assert shards == ["heatmap_shard000of002.pt", "heatmap_shard001of002.pt"]
+    assert not list((tmp_path / "two").glob("heatmap_partial*"))
     counts = [int(torch.load(tmp_path / "two" / s, weights_only=True)["computed"].sum()) for s in shards]
     assert counts == [5, 4]
     one = torch.load(tmp_path / "one" / "heatmap.pt", weights_only=True)

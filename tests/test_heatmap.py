@@ -192,3 +192,44 @@ def test_compiled_heatmap_equals_eager(schedule, tiny_lift):
     assert comp.meta["compile"] is True
     torch.testing.assert_close(comp.error_64, eager.error_64, rtol=1e-4, atol=0)
     torch.testing.assert_close(comp.error_32, eager.error_32, rtol=1e-4, atol=0)
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+class _CrashAfter(nn.Module):
+    """Wraps a model; raises on forward call number ``after`` (a simulated crash)."""
+
+    def __init__(self, model, after):
+        super().__init__()
+        self.model, self.after, self.calls = model, after, 0
+
+    def forward(self, *args):
+        self.calls += 1
+        if self.calls == self.after:
+            raise _Crash("simulated crash")
+        return self.model(*args)
+
+
+def test_partial_file_survives_a_crash_and_resumes_exactly(schedule, tmp_path):
+    torch.manual_seed(0)
+    m = TinyDual().eval()
+    x = _images(2)
+    kw = dict(num_points=3, probes=2, seed=11, cells_per_batch=2, progress=False)
+    full = compute_error_heatmap(m, x, schedule, **kw)
+    part = tmp_path / "partial.pt"
+    # two forward calls per batch of cells (one per scale): crash in the third batch
+    with pytest.raises(_Crash):
+        compute_error_heatmap(_CrashAfter(m, 5), x, schedule, partial=part, save_every=3600, **kw)
+    saved = HeatmapResult.load(part)
+    assert int(saved.computed.sum()) == 4  # the two finished batches, saved on the way out
+    counting = _CrashAfter(m, after=-1)
+    res = compute_error_heatmap(counting, x, schedule, partial=part, **kw)
+    assert counting.calls == 2 * 3  # only the 5 missing cells: batches of 2, 2, 1
+    torch.testing.assert_close(res.error_64, full.error_64, rtol=1e-6, atol=0)
+    torch.testing.assert_close(res.error_32, full.error_32, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="different settings.*probes"):
+        compute_error_heatmap(m, x, schedule, partial=part, **{**kw, "probes": 3})
+    with pytest.raises(ValueError, match="images_sha1"):
+        compute_error_heatmap(m, _images(2, seed=1), schedule, partial=part, **kw)

@@ -42,9 +42,11 @@ with ``(seed, c)`` only, so results do not depend on ``cells_per_batch`` or on t
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -308,6 +310,8 @@ def compute_error_heatmap(
     dtype: torch.dtype | None = None,
     amp: str = "off",
     compile: bool = False,
+    partial: str | os.PathLike | None = None,
+    save_every: float = 60.0,
 ) -> HeatmapResult:
     """Estimate the per-scale discretization error on a (γ0, γ1) grid (module docstring).
 
@@ -335,6 +339,11 @@ def compute_error_heatmap(
             convolutions in bf16, the squared JVP norms still summed in float32). On the same
             noise and probes it stays close to the fp32 map (the benchmark reports the largest
             per-cell difference); the estimator's own noise at K = 8 probes is far larger.
+        partial: a file for the progress: the cells computed so far are written there (atomically)
+            every ``save_every`` seconds, and when it exists at the start (same grid and
+            estimator settings, else a ValueError) its cells are kept and only the rest are
+            computed -- the same values as an uninterrupted run, since each cell's noise and
+            probes depend only on (seed, cell).
         compile: ``torch.compile`` the batched jvp of each scale (one graph per scale, reused for
             every batch of cells; the last, smaller batch may compile once more). Models should
             use :class:`dualdiff.nn.GroupNorm` and :class:`dualdiff.nn.SelfAttention2d`.
@@ -381,10 +390,31 @@ def compute_error_heatmap(
     v64 = 1.0 / (x64.shape[-2] * x64.shape[-1])
     v32 = 1.0 / (x32.shape[-2] * x32.shape[-1])
 
+    meta = {
+        "num_samples": n, "probes": probes, "chunk_size": chunk_size, "cells_per_batch": cells_per_batch,
+        "seed": seed, "target": target, "chain_rule_snr": chain_rule_snr,
+        "v": [v64, v32], "weighting": "v^T (J*J) v with v = 1/(H*W) on input and output, "
+                                      "times 1/(SNR(1+SNR))",
+        "schedule": schedule.name, "num_timesteps": schedule.num_timesteps,
+        "shard": list(shard) if shard is not None else None, "dtype": str(dtype).replace("torch.", ""),
+        "amp": amp, "compile": bool(compile),
+        "images_sha1": hashlib.sha1(torch.cat([x64.flatten(), x32.flatten()]).cpu().numpy().tobytes()).hexdigest(),
+    }
     e64 = torch.full((npts, npts), math.nan, dtype=torch.float64)
     e32 = torch.full((npts, npts), math.nan, dtype=torch.float64)
     done = torch.zeros((npts, npts), dtype=torch.bool)
     cells = shard_cells(npts * npts, shard)
+    if partial is not None and Path(partial).is_file():
+        prev = HeatmapResult.load(partial)
+        _check_partial(prev, g, ts, meta, partial)
+        e64[prev.computed], e32[prev.computed] = prev.error_64[prev.computed], prev.error_32[prev.computed]
+        done |= prev.computed
+        cells = [c for c in cells if not bool(done.view(-1)[c])]
+    last_save, unsaved = time.monotonic(), False
+
+    def result() -> HeatmapResult:
+        return HeatmapResult(gammas=g, timesteps=ts, snr=snr_t, error_64=e64, error_32=e32, computed=done,
+                             meta=dict(meta))
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
@@ -416,21 +446,40 @@ def compute_error_heatmap(
                 done[ii, jj] = True
                 if bar is not None:
                     bar.update(c)
-    finally:
+                unsaved = True
+                if partial is not None and time.monotonic() - last_save >= save_every:
+                    _save_partial(result(), partial)
+                    last_save, unsaved = time.monotonic(), False
+    finally:  # an error or Ctrl-C keeps what was computed
+        if partial is not None and unsaved:
+            _save_partial(result(), partial)
         if bar is not None:
             bar.close()
         if was_training and hasattr(model, "train"):
             model.train()
-    meta = {
-        "num_samples": n, "probes": probes, "chunk_size": chunk_size, "cells_per_batch": cells_per_batch,
-        "seed": seed, "target": target, "chain_rule_snr": chain_rule_snr,
-        "v": [v64, v32], "weighting": "v^T (J*J) v with v = 1/(H*W) on input and output, "
-                                      "times 1/(SNR(1+SNR))",
-        "schedule": schedule.name, "num_timesteps": schedule.num_timesteps,
-        "shard": list(shard) if shard is not None else None, "dtype": str(dtype).replace("torch.", ""),
-        "amp": amp, "compile": bool(compile),
-    }
-    return HeatmapResult(gammas=g, timesteps=ts, snr=snr_t, error_64=e64, error_32=e32, computed=done, meta=meta)
+    return result()
+
+
+def _save_partial(res: HeatmapResult, path: str | os.PathLike) -> None:
+    """Write the progress so far atomically (a crash never leaves a half-written file)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    torch.save(res.to_dict(), tmp)
+    os.replace(tmp, p)
+
+
+def _check_partial(prev: HeatmapResult, gammas, timesteps, meta: dict, path) -> None:
+    """A partial file is reused only if it was made with the same grid and estimator settings."""
+    same_grid = prev.gammas.shape == gammas.shape and torch.equal(prev.gammas, gammas) and \
+        torch.equal(prev.timesteps, timesteps)
+    keys = ("num_samples", "probes", "seed", "target", "chain_rule_snr", "amp", "schedule", "num_timesteps",
+            "shard", "images_sha1")
+    diff = [k for k in keys if prev.meta.get(k) != meta.get(k)]
+    if not same_grid or diff:
+        what = "the grid" if not same_grid else ", ".join(f"{k}={prev.meta.get(k)!r}" for k in diff)
+        raise ValueError(f"partial heatmap {path} was computed with different settings ({what}); "
+                         "delete it or pass the same settings to continue it")
 
 
 def shard_path(out_dir: str | os.PathLike, rank: int, world: int) -> Path:

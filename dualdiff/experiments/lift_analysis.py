@@ -150,7 +150,9 @@ def _dist():
 
 
 def run_heatmap(checkpoint, out_dir, cfg: LIFTAnalysisConfig, *, progress: bool = True) -> HeatmapResult | None:
-    """Compute and save the heatmap. Under torchrun (WORLD_SIZE > 1) cells are split across ranks,
+    """Compute and save the heatmap. Progress is kept in ``heatmap_partial*.pt`` (every minute and
+    on an error): running the same command again after a crash computes only the missing cells.
+    Under torchrun (WORLD_SIZE > 1) cells are split across ranks,
     each rank writes its shard and rank 0 merges after a barrier (or, without an initialised
     process group, when all shard files exist). Returns the merged result (None on other ranks)."""
     cfg.validate()
@@ -160,16 +162,21 @@ def run_heatmap(checkpoint, out_dir, cfg: LIFTAnalysisConfig, *, progress: bool 
     dev = next(model.parameters()).device
     x = real_images(lcfg, cfg.heatmap_samples, cfg.seed).to(dev)
     rank, world = _dist()
+    # progress survives a crash: rerunning the same command continues from this file
+    partial = out / (f"heatmap_partial_rank{rank:03d}of{world:03d}.pt" if world > 1 else "heatmap_partial.pt")
     res = compute_error_heatmap(
         model, x, schedule, num_points=cfg.num_points, gamma_min=cfg.gamma_min, gamma_max=cfg.gamma_max,
         probes=cfg.probes, chunk_size=cfg.chunk_size, cells_per_batch=cfg.cells_per_batch, seed=cfg.seed,
         target=cfg.target, chain_rule_snr=cfg.chain_rule_snr, shard=(rank, world) if world > 1 else None,
-        progress=progress and rank == 0, amp=cfg.heatmap_amp, compile=cfg.heatmap_compile)
+        progress=progress and rank == 0, amp=cfg.heatmap_amp, compile=cfg.heatmap_compile,
+        partial=partial)
     res.meta["checkpoint"] = str(checkpoint)
     if world == 1:
         res.save(out / "heatmap")
+        partial.unlink(missing_ok=True)
         return res
     res.save(shard_path(out, rank, world))
+    partial.unlink(missing_ok=True)
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
