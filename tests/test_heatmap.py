@@ -151,6 +151,8 @@ def test_grid_and_bad_inputs(schedule):
         compute_error_heatmap(m, x, schedule, num_points=2, num_samples=5, progress=False)
     with pytest.raises(ValueError, match="shard"):
         compute_error_heatmap(m, x, schedule, num_points=2, shard=(2, 2), progress=False)
+    with pytest.raises(ValueError, match="cells_per_batch"):
+        compute_error_heatmap(m, x, schedule, num_points=2, cells_per_batch=0, progress=False)
     with pytest.raises(ValueError, match="gammas"):
         compute_error_heatmap(m, x, schedule, torch.tensor([1.0, 0.5]), progress=False)
 

@@ -359,8 +359,8 @@ def compute_error_heatmap(
     if amp not in AMP_MODES:
         raise ValueError(f"amp must be one of {tuple(AMP_MODES)}, got {amp!r}")
     amp_dtype = AMP_MODES[amp]
-    for name, val in (("probes", probes),) + ((("cells_per_batch", cells_per_batch),)
-                                              if cells_per_batch is not None else ()):
+    counts = {"probes": probes} if cells_per_batch is None else {"probes": probes, "cells_per_batch": cells_per_batch}
+    for name, val in counts.items():
         if isinstance(val, bool) or not isinstance(val, int) or val < 1:
             raise ValueError(f"{name} must be an int >= 1, got {val!r}")
     x64, x32 = _split_images(images)
