@@ -92,7 +92,7 @@ class _ImageTensors(torch.utils.data.Dataset):
 # ---------------------------------------------------------------------------------------------
 # one heatmap cell
 # ---------------------------------------------------------------------------------------------
-def cell_inputs(model, n: int, probes: int, device: torch.device, gamma: float = 1.0):
+def cell_inputs(n: int, probes: int, device: torch.device, gamma: float = 1.0):
     """Noised inputs, timesteps and probes of the cell (γ0, γ1) = (gamma, gamma)."""
     sched = make_schedule("lift_cosine", 1000)
     t = int(round(float(snr_to_timestep(torch.tensor([gamma], dtype=torch.float64), sched)[0])))
@@ -135,7 +135,7 @@ def cell_variants(model, inp) -> dict[str, Callable[[], tuple[torch.Tensor, torc
 
 def cell_rows(timeit, device, size: str = "default", n: int = 16, probes: int = 8) -> list[dict]:
     model = build_model(size, device)
-    inp = cell_inputs(model, n, probes, device)
+    inp = cell_inputs(n, probes, device)
     variants = cell_variants(model, inp)
     ref = [r.double().mean() for r in variants["seed loop"]()]
     rows = []

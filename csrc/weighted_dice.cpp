@@ -240,6 +240,23 @@ DD_INLINE void fwd_softmax_fixed(const float* x, const GT* g, int64_t S, int64_t
   for (int k = 0; k < 3 * NC; ++k) part[k] = hsum(acc[k]);
 }
 
+// Softmax over C channels of the W pixels at i (n of them valid): writes exp(x_c - max) for every
+// c to e[c*W ...] and returns 1 / sum_c exp(x_c - max).
+template <typename V>
+DD_INLINE V softmax_exps(const float* x, int64_t C, int64_t S, int64_t i, int n, float* e) {
+  constexpr int W = VT<V>::W;
+  const bool full = n == W;
+  V mx = full ? loadv<V>(x + i) : loadv_n<V>(x + i, n);
+  for (int64_t c = 1; c < C; ++c) mx = vmax(mx, full ? loadv<V>(x + c * S + i) : loadv_n<V>(x + c * S + i, n));
+  V den = {};
+  for (int64_t c = 0; c < C; ++c) {
+    const V ec = vexp<false>((full ? loadv<V>(x + c * S + i) : loadv_n<V>(x + c * S + i, n)) - mx);
+    storev(e + c * W, ec);
+    den += ec;
+  }
+  return splat<V>(1.0f) / den;
+}
+
 // Any C: buf holds 4*C*W floats of scratch (accessed unaligned).
 template <typename V, bool SQ, typename GT>
 DD_INLINE void fwd_softmax_any(const float* x, const GT* g, int64_t C, int64_t S, int64_t lo, int64_t hi,
@@ -251,15 +268,7 @@ DD_INLINE void fwd_softmax_any(const float* x, const GT* g, int64_t C, int64_t S
   for (int64_t i = lo; i < hi; i += W) {
     const int n = static_cast<int>(std::min<int64_t>(W, hi - i));
     const bool full = n == W;
-    V mx = full ? loadv<V>(x + i) : loadv_n<V>(x + i, n);
-    for (int64_t c = 1; c < C; ++c) mx = vmax(mx, full ? loadv<V>(x + c * S + i) : loadv_n<V>(x + c * S + i, n));
-    V den = {};
-    for (int64_t c = 0; c < C; ++c) {
-      const V ec = vexp<false>((full ? loadv<V>(x + c * S + i) : loadv_n<V>(x + c * S + i, n)) - mx);
-      storev(e + c * W, ec);
-      den += ec;
-    }
-    V inv = splat<V>(1.0f) / den;
+    V inv = softmax_exps<V>(x, C, S, i, n, e);
     if (!full) inv = vsel(lanes_below<V>(n), inv, splat<V>(0.f));
     for (int64_t c = 0; c < C; ++c) {
       const V p = loadv<V>(e + c * W) * inv;
@@ -327,15 +336,7 @@ DD_INLINE void bwd_softmax_any(const float* x, const GT* g, float* dx, int64_t C
   for (int64_t i = lo; i < hi; i += W) {
     const int n = static_cast<int>(std::min<int64_t>(W, hi - i));
     const bool full = n == W;
-    V mx = full ? loadv<V>(x + i) : loadv_n<V>(x + i, n);
-    for (int64_t c = 1; c < C; ++c) mx = vmax(mx, full ? loadv<V>(x + c * S + i) : loadv_n<V>(x + c * S + i, n));
-    V den = {};
-    for (int64_t c = 0; c < C; ++c) {
-      const V ec = vexp<false>((full ? loadv<V>(x + c * S + i) : loadv_n<V>(x + c * S + i, n)) - mx);
-      storev(pb + c * W, ec);
-      den += ec;
-    }
-    const V inv = splat<V>(1.0f) / den;
+    const V inv = softmax_exps<V>(x, C, S, i, n, pb);
     V dot = {};
     for (int64_t c = 0; c < C; ++c) {
       const V p = loadv<V>(pb + c * W) * inv;

@@ -18,12 +18,22 @@ _COLORS = ["white", "red", "orange", "cyan", "magenta", "lime", "yellow"]
 
 
 def _plt():
+    """matplotlib.pyplot on the non-interactive Agg backend (imported on first use)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, out_path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Write ``fig`` to ``out_path`` (parent folders created), close it, return the path."""
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    _plt().close(fig)
+    return out
 
 
 def _edges(g: np.ndarray) -> np.ndarray:
@@ -68,11 +78,7 @@ def plot_heatmap(result, out_path: str | os.PathLike, paths: Mapping[str, object
             ax.legend(fontsize=7, loc="lower right", framealpha=0.6)
     fig.suptitle(title or "LIFT discretization error")
     fig.tight_layout()
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out_path)
 
 
 def plot_mse_bars(results: dict, out_path: str | os.PathLike) -> Path:
@@ -97,11 +103,7 @@ def plot_mse_bars(results: dict, out_path: str | os.PathLike) -> Path:
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out_path)
 
 
 def plot_sample_grids(samples: Mapping[str, torch.Tensor], out_path: str | os.PathLike, nrow: int = 4) -> Path:
@@ -116,8 +118,4 @@ def plot_sample_grids(samples: Mapping[str, torch.Tensor], out_path: str | os.Pa
         ax.set_title(name)
         ax.axis("off")
     fig.tight_layout()
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out_path)

@@ -15,19 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from dualdiff.analysis.plots import _plt, save_figure
+
 __all__ = ["smooth", "plot_train_loss", "plot_generated_images", "plot_weight_evolution",
            "plot_all"]
 
 _ADAPTIVE = ("adaptive", "adaptive_deep")
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _colors(n: int) -> list:
@@ -76,10 +69,7 @@ def plot_train_loss(results: dict, path: str | os.PathLike, window_len: int = 25
     for j in range(len(datasets), rows * cols):
         axs[j // cols, j % cols].axis("off")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def plot_generated_images(results: dict, path: str | os.PathLike) -> Path:
@@ -103,10 +93,7 @@ def plot_generated_images(results: dict, path: str | os.PathLike) -> Path:
             if j == 0:
                 ax.set_ylabel(v)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def plot_weight_evolution(results: dict, path: str | os.PathLike) -> Path | None:
@@ -138,10 +125,7 @@ def plot_weight_evolution(results: dict, path: str | os.PathLike) -> Path | None
     for j in range(len(datasets), rows * cols):
         axs[j // cols, j % cols].axis("off")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def plot_all(results: dict, out_dir: str | os.PathLike) -> dict[str, Path | None]:

@@ -473,11 +473,8 @@ def train_grid(runs: Sequence[tuple[str, str]], data: dict[str, torch.Tensor],
         t0 = time.perf_counter()
         first = min(config.warmup_steps_timed, config.steps)
         if first and start < first:
-            save_final, trainer.config.save_final = trainer.config.save_final, False
-            try:  # the timed first steps: no checkpoint written there
-                trainer.fit(until=first if until is None else min(first, until))
-            finally:
-                trainer.config.save_final = save_final
+            # the timed first steps: no checkpoint written there
+            trainer.fit(until=first if until is None else min(first, until), save_final=False)
             _sync(device)
         t1 = time.perf_counter()
         trainer.fit(until=until)

@@ -884,10 +884,11 @@ class Trainer:
             m.train(was_training)
         return {f"eval/{k}" if not str(k).startswith("eval") else k: v for k, v in out.items()}
 
-    def fit(self, until: int | None = None) -> dict:
+    def fit(self, until: int | None = None, save_final: bool | None = None) -> dict:
         """Train until ``config.steps`` (or step ``until``, e.g. to simulate preemption).
 
-        Returns the last logged record. Saves a final checkpoint when ``save_final``.
+        Returns the last logged record. Saves a final checkpoint when ``save_final`` (default:
+        ``config.save_final``; False e.g. for a timed warm-up segment).
         """
         cfg = self.config
         target = cfg.steps if until is None else min(int(until), cfg.steps)
@@ -934,7 +935,9 @@ class Trainer:
                 self._check_nonfinite_stop(rec)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
-            if cfg.save_final and self.step > self.last_saved_step and self.step > 0:
+            if save_final is None:
+                save_final = cfg.save_final
+            if save_final and self.step > self.last_saved_step and self.step > 0:
                 self.save_checkpoint()
         finally:
             if bar is not None:
