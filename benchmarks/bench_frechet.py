@@ -3,12 +3,17 @@
 CPU (pytest-benchmark, D=512):  pytest benchmarks/bench_frechet.py --benchmark-only
 CPU at D=2048 once:             python benchmarks/bench_frechet.py
 GPU: ``gpu_rows`` (benchmarks/gpu_report.py) at D=2048 with variants 'scipy' (pytorch-fid on
-the CPU, timed with a wall clock: ~10 s a call), 'eigvals' (torch.linalg.eigvals of σ1σ2 in
+the CPU, timed with a wall clock: ~10 s a call; left out when pytorch-fid is not installed),
+'eigvals' (torch.linalg.eigvals of σ1σ2 in
 float64 on the GPU, the torchmetrics route), 'dualdiff' (method auto: Cholesky + eigvalsh) and
 'dualdiff-eigh' (the fallback for two singular sigmas). Target: dualdiff >= 50x faster than scipy.
+Every variant gets one untimed warm-up round. Under plain ``pytest`` (smoke mode, see
+benchmarks/conftest.py) each body runs once at D=32.
 """
 from __future__ import annotations
 
+import importlib.util
+import os
 import time
 import warnings
 
@@ -16,7 +21,10 @@ import numpy as np
 import pytest
 import torch
 
-from dualdiff.ops.frechet import frechet_distance
+from dualdiff.ops.frechet import frechet_distance, frechet_distance_reference
+
+SMOKE = os.environ.get("DUALDIFF_BENCH_SIZE") == "smoke"
+CPU_N, CPU_DIM = (100, 32) if SMOKE else (1500, 512)
 
 
 def feature_stats(n: int, dim: int, seed: int, device="cpu", rank: int = 128):
@@ -47,28 +55,30 @@ def eigvals_fid(mu1, s1, mu2, s2) -> float:
 # ----------------------------------------------------------------------------- CPU suite
 @pytest.fixture(scope="module")
 def cpu_stats():
-    return feature_stats(1500, 512, 1) + feature_stats(1500, 512, 2)
+    return feature_stats(CPU_N, CPU_DIM, 1) + feature_stats(CPU_N, CPU_DIM, 2)
 
 
-@pytest.mark.benchmark(group="frechet-cpu-512")
+@pytest.mark.benchmark(group=f"frechet-cpu-{CPU_DIM}")
 def test_scipy_pytorch_fid(benchmark, cpu_stats):
-    pytest.importorskip("pytorch_fid")
-    benchmark.pedantic(scipy_fid, args=cpu_stats, rounds=3, iterations=1)
+    pytest.importorskip("pytorch_fid")  # the optional reference row
+    benchmark.pedantic(scipy_fid, args=cpu_stats, rounds=3, iterations=1, warmup_rounds=1)
 
 
-@pytest.mark.benchmark(group="frechet-cpu-512")
+@pytest.mark.benchmark(group=f"frechet-cpu-{CPU_DIM}")
 def test_eigvals(benchmark, cpu_stats):
-    benchmark.pedantic(eigvals_fid, args=cpu_stats, rounds=3, iterations=1)
+    benchmark.pedantic(eigvals_fid, args=cpu_stats, rounds=3, iterations=1, warmup_rounds=1)
 
 
-@pytest.mark.benchmark(group="frechet-cpu-512")
+@pytest.mark.benchmark(group=f"frechet-cpu-{CPU_DIM}")
 def test_dualdiff(benchmark, cpu_stats):
-    benchmark.pedantic(frechet_distance, args=cpu_stats, rounds=5, iterations=1)
+    value = benchmark.pedantic(frechet_distance, args=cpu_stats, rounds=5, iterations=1, warmup_rounds=1)
+    assert value == pytest.approx(float(frechet_distance_reference(*cpu_stats)), rel=1e-6)
 
 
-@pytest.mark.benchmark(group="frechet-cpu-512")
+@pytest.mark.benchmark(group=f"frechet-cpu-{CPU_DIM}")
 def test_dualdiff_eigh(benchmark, cpu_stats):
-    benchmark.pedantic(lambda *a: frechet_distance(*a, method="eigh"), args=cpu_stats, rounds=5, iterations=1)
+    benchmark.pedantic(lambda *a: frechet_distance(*a, method="eigh"), args=cpu_stats, rounds=5, iterations=1,
+                       warmup_rounds=1)
 
 
 # ----------------------------------------------------------------------------- GPU report
@@ -81,14 +91,21 @@ def _wall(fn, reps: int = 2) -> float:
     return min(times) * 1e6
 
 
-def gpu_rows(timeit, device) -> list[dict]:
-    dim = 2048
-    cpu = feature_stats(10000, dim, 1) + feature_stats(10000, dim, 2)
+def gpu_rows(timeit, device, smoke: bool = False):
+    """Yields the rows at D=2048 (D=32 with smoke); the scipy row only with pytorch-fid installed.
+    Accuracy is against pytorch-fid when present, else against frechet_distance_reference."""
+    dim, n = (32, 100) if smoke else (2048, 10000)
+    cpu = feature_stats(n, dim, 1) + feature_stats(n, dim, 2)
     gpu = tuple(t.to(device) for t in cpu)
     shape = f"D={dim} float64"
-    ref = scipy_fid(*cpu)
-    rows = [{"op": "frechet_distance", "variant": "scipy", "shape": shape,
-             "time_us": _wall(lambda: scipy_fid(*cpu)), "bytes": None, "rel_err_vs_scipy": 0.0}]
+    scipy_us = None
+    if importlib.util.find_spec("pytorch_fid") is not None:
+        ref, ref_name = scipy_fid(*cpu), "pytorch-fid"
+        scipy_us = _wall(lambda: scipy_fid(*cpu))
+        yield {"op": "frechet_distance", "variant": "scipy", "shape": shape, "time_us": scipy_us,
+               "bytes": None, "rel_err": 0.0, "note": "pytorch-fid on the CPU, wall clock"}
+    else:
+        ref, ref_name = float(frechet_distance_reference(*cpu)), "frechet_distance_reference"
     variants = {
         "eigvals": lambda: eigvals_fid(*gpu),
         "dualdiff": lambda: frechet_distance(*gpu),
@@ -96,14 +113,12 @@ def gpu_rows(timeit, device) -> list[dict]:
     }
     for name, fn in variants.items():
         value = fn()
-        try:
-            t = timeit(fn, warmup=2, iters=10)
-        except TypeError:
-            t = timeit(fn)
-        rows.append({"op": "frechet_distance", "variant": name, "shape": shape, "time_us": t,
-                     "bytes": None, "rel_err_vs_scipy": abs(value - ref) / abs(ref),
-                     "speedup_vs_scipy": rows[0]["time_us"] / t})
-    return rows
+        t = timeit(fn, warmup=2, iters=10)
+        rel = abs(value - ref) / abs(ref)
+        yield {"op": "frechet_distance", "variant": name, "shape": shape, "time_us": t, "bytes": None,
+               "rel_err": rel, "speedup_vs_scipy": scipy_us / t if scipy_us else None,
+               "note": f"rel. err {rel:.1e} vs {ref_name}"
+                       + (f"; {scipy_us / t:.1f}x scipy" if scipy_us else "")}
 
 
 def main() -> None:

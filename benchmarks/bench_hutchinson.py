@@ -5,9 +5,13 @@ GPU: ``gpu_rows`` (used by benchmarks/gpu_report.py): a small UNet (GroupNorm, a
 16x16) at 64x64, batch 16, 8 probes. Variants: 'eager' = per-probe loop, eager (the
 baseline: hutchinson_vhv_reference); 'batched' = all probes in one eager jvp;
 'compile-loop' = per-probe jvp of the torch.compile'd model (chunk_size=1);
-'compile' = all probes in one compiled jvp (the design).
+'compile' = all probes in one compiled jvp (the design). Every variant gets one untimed call
+first (compilation for the compiled ones). Under plain ``pytest`` (smoke mode, see
+benchmarks/conftest.py) each body runs once on a tiny case.
 """
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -68,7 +72,9 @@ def _setup(device, *, batch, size, probes, ch):
 
 
 # ----------------------------------------------------------------------------- CPU suite
-CPU_CFG = dict(batch=2, size=16, probes=4, ch=16)
+SMOKE = os.environ.get("DUALDIFF_BENCH_SIZE") == "smoke"
+SMOKE_CFG = dict(batch=1, size=8, probes=2, ch=8)
+CPU_CFG = SMOKE_CFG if SMOKE else dict(batch=2, size=16, probes=4, ch=16)
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +86,7 @@ def cpu_case():
 def test_loop_eager(benchmark, cpu_case):
     model, z, eps = cpu_case
     with torch.no_grad():
+        hutchinson_vhv_reference(model, z, eps)  # warm-up, like every variant
         benchmark(hutchinson_vhv_reference, model, z, eps)
 
 
@@ -87,6 +94,7 @@ def test_loop_eager(benchmark, cpu_case):
 def test_batched_eager(benchmark, cpu_case):
     model, z, eps = cpu_case
     with torch.no_grad():
+        hutchinson_vhv(model, z, probes=None, eps=eps)  # warm-up, like every variant
         benchmark(lambda: hutchinson_vhv(model, z, probes=None, eps=eps))
 
 
@@ -109,9 +117,12 @@ def test_batched_compiled(benchmark, cpu_case):
 
 
 # ----------------------------------------------------------------------------- GPU report
-def gpu_rows(timeit, device) -> list[dict]:
-    batch, size, probes = 16, 64, 8
-    model, z, eps = _setup(device, batch=batch, size=size, probes=probes, ch=64)
+def gpu_rows(timeit, device, smoke: bool = False):
+    """Yields one row per variant: B=16, 64x64, 8 probes, ch=64 (the tiny case with smoke)."""
+    device = torch.device(device)
+    cfg = SMOKE_CFG if smoke else dict(batch=16, size=64, probes=8, ch=64)
+    batch, size, probes = cfg["batch"], cfg["size"], cfg["probes"]
+    model, z, eps = _setup(device, **cfg)
     shape = f"B={batch} 3x{size}x{size} probes={probes}"
     compiled = torch.compile(model)
     variants = {
@@ -120,16 +131,13 @@ def gpu_rows(timeit, device) -> list[dict]:
         "compile-loop": lambda: hutchinson_vhv(compiled, z, probes=None, eps=eps, chunk_size=1),
         "compile": lambda: hutchinson_vhv(compiled, z, probes=None, eps=eps),
     }
-    rows = []
     with torch.no_grad():
         ref = variants["eager"]()
         for name, fn in variants.items():
+            if smoke and device.type == "cpu" and name.startswith("compile"):
+                continue  # CPU compilation of the jvp takes minutes: not for a smoke run
             out = fn()  # compiles outside the timing
             rel = float(((out - ref).abs() / ref.abs()).max())
-            try:
-                t = timeit(fn, warmup=3, iters=10)
-            except TypeError:
-                t = timeit(fn)
-            rows.append({"op": "hutchinson_vhv", "variant": name, "shape": shape, "time_us": t,
-                         "bytes": None, "max_rel_diff_vs_loop": rel})
-    return rows
+            t = timeit(fn, warmup=3, iters=10)
+            yield {"op": "hutchinson_vhv", "variant": name, "shape": shape, "time_us": t,
+                   "bytes": None, "max_rel_diff_vs_loop": rel, "note": f"max rel. diff vs loop {rel:.1e}"}

@@ -7,10 +7,12 @@ Targets (issue 4): seed DP on a 2000 x 2000 grid < 50 ms; fixed-step DP >= 200x 
 straightforward pure-Python implementation of the same algorithm at n = 60, 30 steps,
 max_jump 8; fixed-step DP at n = 200, 50 steps, max_jump 10 < 2 s. Times exclude the one-off
 numba compilation, which is measured and printed separately. No GPU rows: the solvers are CPU code.
+Under plain ``pytest`` (smoke mode, see benchmarks/conftest.py) each body runs once on tiny grids.
 """
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 
@@ -19,9 +21,10 @@ import pytest
 
 from dualdiff.analysis import paths as P
 
-SEED_N = 2000
-FIXED_SMALL = dict(n=60, num_steps=30, max_jump=8)
-FIXED_LARGE = dict(n=200, num_steps=50, max_jump=10)
+SMOKE = os.environ.get("DUALDIFF_BENCH_SIZE") == "smoke"
+SEED_N = 40 if SMOKE else 2000
+FIXED_SMALL = dict(n=8, num_steps=4, max_jump=2) if SMOKE else dict(n=60, num_steps=30, max_jump=8)
+FIXED_LARGE = dict(n=12, num_steps=5, max_jump=3) if SMOKE else dict(n=200, num_steps=50, max_jump=10)
 
 
 def heatmap(n: int, m: int | None = None, seed: int = 0):
@@ -159,24 +162,24 @@ def fixed_small():
     return e64, e32, g64, g32
 
 
-@pytest.mark.benchmark(group="seed_dp 2000x2000")
+@pytest.mark.benchmark(group=f"seed_dp {SEED_N}x{SEED_N}")
 @pytest.mark.parametrize("objective", ["total", "64"])
-def test_seed_dp_2000(benchmark, seed_grid, objective):
+def test_seed_dp(benchmark, seed_grid, objective):
     e64, e32 = seed_grid
     p = benchmark(P.seed_dp_path, e64, e32, objective=objective)
     assert len(p) == SEED_N
 
 
-@pytest.mark.benchmark(group="fixed_step n60 s30 j8")
-def test_fixed_step_n60_numba(benchmark, fixed_small):
+@pytest.mark.benchmark(group="fixed_step n{n} s{num_steps} j{max_jump}".format(**FIXED_SMALL))
+def test_fixed_step_small_numba(benchmark, fixed_small):
     e64, e32, g64, g32 = fixed_small
     p = benchmark(P.fixed_step_path, e64, e32, g64, g32,
                   num_steps=FIXED_SMALL["num_steps"], max_jump=FIXED_SMALL["max_jump"])
     assert len(p) == FIXED_SMALL["num_steps"] + 1
 
 
-@pytest.mark.benchmark(group="fixed_step n60 s30 j8")
-def test_fixed_step_n60_pure_python(benchmark, fixed_small):
+@pytest.mark.benchmark(group="fixed_step n{n} s{num_steps} j{max_jump}".format(**FIXED_SMALL))
+def test_fixed_step_small_pure_python(benchmark, fixed_small):
     e64, e32, g64, g32 = fixed_small
     path, cost = benchmark.pedantic(
         fixed_step_pure_python, args=(e64, e32, g64, g32, FIXED_SMALL["num_steps"], FIXED_SMALL["max_jump"]),
@@ -187,8 +190,8 @@ def test_fixed_step_n60_pure_python(benchmark, fixed_small):
     assert fast.cost == cost
 
 
-@pytest.mark.benchmark(group="fixed_step n200 s50 j10")
-def test_fixed_step_n200_numba(benchmark, fixed_small):
+@pytest.mark.benchmark(group="fixed_step n{n} s{num_steps} j{max_jump}".format(**FIXED_LARGE))
+def test_fixed_step_large_numba(benchmark, fixed_small):
     e64, e32, g64, g32 = heatmap(FIXED_LARGE["n"], seed=3)
     p = benchmark.pedantic(
         P.fixed_step_path, args=(e64, e32, g64, g32),

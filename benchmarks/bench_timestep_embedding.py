@@ -14,8 +14,12 @@ event synchronized), so host launch overhead counts, as it does in a sampling lo
 Target (issue 2): B = 64, freq_dim 64, hidden 256 fp32 forward on an H100: >= 5x faster than
 eager, >= 3x faster than compile, faster than compile_ro.
 Minimum bytes: every weight read once, t0/t1 read once, the output written once.
+Every variant gets the same warm-up calls. Under plain ``pytest`` (smoke mode, see
+benchmarks/conftest.py) each body runs once on a tiny shape.
 """
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -23,8 +27,10 @@ import torch
 from dualdiff._backend import backend_status
 from dualdiff.ops.timestep_embedding import DualTimestepEmbedding
 
-GPU_SHAPE = (64, 64, 256)   # B, freq_dim, hidden_dim (the issue's target)
-CPU_SHAPE = (64, 64, 256)   # small already: the CPU cases use the same shape
+SMOKE = os.environ.get("DUALDIFF_BENCH_SIZE") == "smoke"
+SMOKE_SHAPE = (4, 16, 32)
+GPU_SHAPE = SMOKE_SHAPE if SMOKE else (64, 64, 256)  # B, freq_dim, hidden_dim (the issue's target)
+CPU_SHAPE = SMOKE_SHAPE if SMOKE else (64, 64, 256)  # small already: the CPU cases use the same shape
 
 
 def make(shape, device, dtype=torch.float32):
@@ -105,30 +111,32 @@ def test_cuda_forward(benchmark, variant):
 
 
 # ----------------------------------------------------------------------------- GPU report rows
-def gpu_rows(timeit, device) -> list[dict]:
+def gpu_rows(timeit, device, smoke: bool = False):
+    """Yields the forward rows (fp32, bf16) and the fp32 training-step rows per variant."""
     device = torch.device(device)
-    rows = []
+    gpu_shape = SMOKE_SHAPE if smoke else GPU_SHAPE
     for dtype in (torch.float32, torch.bfloat16):
-        fused, t0, t1 = make(GPU_SHAPE, device, dtype)
+        fused, t0, t1 = make(gpu_shape, device, dtype)
         nbytes = min_bytes(fused, t0, t1)
-        B, fd, hd = GPU_SHAPE
+        B, fd, hd = gpu_shape
         shape = f"B={B} freq={fd} hidden={hd} {str(dtype).replace('torch.', '')} fwd"
         for name, mod in variants(fused, device).items():
+            if smoke and device.type == "cpu" and name.startswith("compile"):
+                continue  # CPU compilation: too slow for a smoke run
             fn = forward_fn(mod, t0, t1)
             for _ in range(5):
                 fn()
-            rows.append(dict(op="dual_timestep_embedding", variant=name, shape=shape,
-                             time_us=timeit(fn), bytes=nbytes))
+            yield dict(op="dual_timestep_embedding", variant=name, shape=shape,
+                       time_us=timeit(fn), bytes=nbytes)
     # training step (forward + weight gradients), fp32: informative, no target
-    fused, t0, t1 = make(GPU_SHAPE, device)
-    shape = f"B={GPU_SHAPE[0]} freq={GPU_SHAPE[1]} hidden={GPU_SHAPE[2]} float32 fwd+bwd"
+    fused, t0, t1 = make(gpu_shape, device)
+    shape = f"B={gpu_shape[0]} freq={gpu_shape[1]} hidden={gpu_shape[2]} float32 fwd+bwd"
     for name, mod in variants(fused, device).items():
-        if name == "compile_ro":
+        if name == "compile_ro" or (smoke and device.type == "cpu" and name == "compile"):
             continue  # CUDA-graph outputs are overwritten by the next replay: not for autograd loops
         params = tuple(mod.parameters())
         fn = train_fn(mod, t0, t1, params)
         for _ in range(3):
             fn()
-        rows.append(dict(op="dual_timestep_embedding", variant=name, shape=shape,
-                         time_us=timeit(fn), bytes=None))
-    return rows
+        yield dict(op="dual_timestep_embedding", variant=name, shape=shape,
+                   time_us=timeit(fn), bytes=None)

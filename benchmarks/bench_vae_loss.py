@@ -12,10 +12,12 @@ Variants, all on the same inputs, each call = forward + torch.autograd.grad (no 
 Targets (issue 2): H100, [64, 3, 224, 224] + latent [64, 256] fp32: >= 6x faster than eager
 (630 µs measured there). CPU (2 cores): cpp >= 2x faster than eager.
 Minimum bytes (forward reads logits + x, backward reads logits + x and writes the gradient; the
-latents likewise): 5 N + 6 M elements.
+latents likewise): 5 N + 6 M elements. Every variant gets the same warm-up calls. Under plain
+``pytest`` (smoke mode, see benchmarks/conftest.py) each body runs once on a tiny shape.
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -26,8 +28,10 @@ import torch.nn.functional as F
 from dualdiff._backend import backend_status
 from dualdiff.ops.vae import vae_loss, vae_loss_reference
 
-CPU_SHAPE, CPU_LATENT = (16, 3, 64, 64), 256
-GPU_SHAPE, GPU_LATENT = (64, 3, 224, 224), 256
+SMOKE = os.environ.get("DUALDIFF_BENCH_SIZE") == "smoke"
+SMOKE_SHAPE, SMOKE_LATENT = (2, 3, 8, 8), 16
+CPU_SHAPE, CPU_LATENT = (SMOKE_SHAPE, SMOKE_LATENT) if SMOKE else ((16, 3, 64, 64), 256)
+GPU_SHAPE, GPU_LATENT = (SMOKE_SHAPE, SMOKE_LATENT) if SMOKE else ((64, 3, 224, 224), 256)
 
 
 def make_inputs(shape, latent, device, dtype=torch.float32):
@@ -107,24 +111,26 @@ def test_cuda_forward_backward(benchmark, variant):
         step()
         torch.cuda.synchronize()
 
-    synced()
+    synced()  # warm-up (compilation), as on the CPU
     benchmark(synced)
 
 
 # ----------------------------------------------------------------------------- GPU report rows
-def gpu_rows(timeit, device) -> list[dict]:
-    rows = []
-    fns = variants(torch.device(device))
+def gpu_rows(timeit, device, smoke: bool = False):
+    """Yields one row per (dtype, variant) at the issue's shape (a tiny one with smoke)."""
+    device = torch.device(device)
+    fns = variants(device)
+    shape_, latent = (SMOKE_SHAPE, SMOKE_LATENT) if smoke else (GPU_SHAPE, GPU_LATENT)
     for dtype in (torch.float32, torch.bfloat16):
-        inputs = make_inputs(GPU_SHAPE, GPU_LATENT, device, dtype)
-        shape = f"{list(GPU_SHAPE)} + latent [{GPU_SHAPE[0]}, {GPU_LATENT}] {str(dtype).replace('torch.', '')} fwd+bwd"
+        inputs = make_inputs(shape_, latent, device, dtype)
+        shape = f"{list(shape_)} + latent [{shape_[0]}, {latent}] {str(dtype).replace('torch.', '')} fwd+bwd"
         for name, fn in fns.items():
-            if name == "cpp":
-                continue
-            rows.append(dict(op="vae_loss", variant=name, shape=shape,
-                             time_us=timeit(step_fn(fn, inputs)),
-                             bytes=min_bytes(GPU_SHAPE, GPU_LATENT, dtype)))
-    return rows
+            if name == "cpp" and dtype != torch.float32:
+                continue  # the C++ kernels are fp32
+            if smoke and device.type == "cpu" and name == "compile":
+                continue  # CPU compilation: too slow for a smoke run
+            yield dict(op="vae_loss", variant=name, shape=shape, time_us=timeit(step_fn(fn, inputs)),
+                       bytes=min_bytes(shape_, latent, dtype))
 
 
 # ----------------------------------------------------------------------------- CPU side by side

@@ -4,9 +4,12 @@
 
 Each backend against eager PyTorch (the reference) and torch.compile of the reference on the
 same inputs: small shapes on the CPU, the issue's shape ([32, 4, 256, 256] fp32) on CUDA.
-``gpu_rows`` feeds benchmarks/gpu_report.py.
+``gpu_rows`` feeds benchmarks/gpu_report.py. Every variant gets the same 3 warm-up calls.
+Under plain ``pytest`` (smoke mode, see benchmarks/conftest.py) the bodies run once on tiny shapes.
 """
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -14,8 +17,10 @@ import torch
 from dualdiff._backend import backend_status
 from dualdiff.ops.weighted_dice import weighted_dice_loss, weighted_dice_loss_reference
 
-CPU_SHAPES = [(8, 4, 64, 64), (2, 3, 32, 32, 32)]
-GPU_SHAPES = [(32, 4, 256, 256)]
+SMOKE = os.environ.get("DUALDIFF_BENCH_SIZE") == "smoke"
+SMOKE_SHAPES = [(2, 3, 8, 8), (1, 2, 4, 4, 4)]
+CPU_SHAPES = SMOKE_SHAPES if SMOKE else [(8, 4, 64, 64), (2, 3, 32, 32, 32)]
+GPU_SHAPES = SMOKE_SHAPES[:1] if SMOKE else [(32, 4, 256, 256)]
 ACTIVATIONS = ["sigmoid", "softmax"]
 
 
@@ -94,18 +99,20 @@ def test_cuda_fwd_bwd(benchmark, shape, activation, variant):
     benchmark(synced)
 
 
-def gpu_rows(timeit, device) -> list[dict]:
-    rows = []
-    for shape in GPU_SHAPES:
+def gpu_rows(timeit, device, smoke: bool = False):
+    """Yields one row per (activation, variant) at the issue's shape (a tiny one with smoke)."""
+    device = torch.device(device)
+    for shape in SMOKE_SHAPES[:1] if smoke else GPU_SHAPES:
         for activation in ACTIVATIONS:
             torch.manual_seed(0)
             x, g, w = _inputs(shape, device)
             for name, fn in _variants(device.type).items():
-                rows.append({
+                if smoke and device.type == "cpu" and name == "compile":
+                    continue  # CPU compilation: too slow for a smoke run
+                yield {
                     "op": f"weighted_dice_loss fwd+bwd ({activation})",
                     "variant": name,
                     "shape": f"{list(shape)} fp32, target fp32",
                     "time_us": timeit(_step(fn, x, g, w, activation)),
                     "bytes": min_bytes(x, g),
-                })
-    return rows
+                }

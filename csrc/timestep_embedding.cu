@@ -6,8 +6,10 @@
 //
 // One launch. A block owns kRows batch rows and runs the whole chain for them: the features,
 // the hidden activations and the concatenated branch outputs live in shared memory (fp32,
-// rounded to the weight dtype at the same points as the unfused module), never in global
-// memory. Each linear layer is computed by warps that own kCols output columns: the lanes split
+// rounded to the weight dtype at the same points as the unfused module), or, for widths whose
+// workspace exceeds the device's shared memory per block (hidden > ~2300 on an H100), in a
+// per-block slice of a global scratch buffer passed by the caller. Each linear layer is
+// computed by warps that own kCols output columns: the lanes split
 // the reduction dimension (coalesced weight loads, conflict-free shared loads), each lane keeps
 // kCols x kRows = 32 partial sums, and one 31-shuffle transpose-reduction leaves lane l with the
 // total of (column l / kRows, row l % kRows). Weights fp32 / fp16 / bf16; fp32 accumulation.
@@ -18,6 +20,7 @@
 #include <cstdint>
 
 #include "dualdiff.h"
+#include "timestep_embedding_math.h"
 
 namespace dualdiff {
 namespace {
@@ -60,7 +63,7 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float
 // x rounded to the precision of W (what storing an intermediate in the weight dtype does).
 template <typename W> __device__ __forceinline__ float round_w(float x) { return to_f<W>(from_f<W>(x)); }
 
-__device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
+using temb::silu;  // csrc/timestep_embedding_math.h, shared with the CPU entry points
 
 // y[r][j] = sum_k x[r][k] * w[j][k] + b[j] for r < kRows, j < N, with x in shared memory (row
 // stride ldx, K columns). kToGlobal: store round(y) to y_global (row stride N, rows < nrows);
@@ -131,9 +134,15 @@ dual_timestep_embedding_fwd_kernel(const void* t0, int64_t st0, int code0, const
                                    const W* __restrict__ w10, const W* __restrict__ b10,
                                    const W* __restrict__ w12, const W* __restrict__ b12,
                                    const W* __restrict__ wo, const W* __restrict__ bo,
-                                   W* __restrict__ out, int B, int F, int half, int H) {
+                                   W* __restrict__ out, int B, int F, int half, int H,
+                                   float* __restrict__ scratch) {
+  // Per-block workspace: dynamic shared memory, or (scratch != nullptr, when kRows * (F + 3H)
+  // floats exceed the device's shared memory per block) this block's slice of a global buffer.
   extern __shared__ float smem[];
-  float* feat = smem;              // [kRows][F]
+  float* base = scratch != nullptr
+                    ? scratch + static_cast<int64_t>(blockIdx.x) * kRows * (F + 3 * static_cast<int64_t>(H))
+                    : smem;
+  float* feat = base;              // [kRows][F]
   float* hid = feat + kRows * F;   // [kRows][H]
   float* cat = hid + kRows * H;    // [kRows][2H]: branch 0 | branch 1
   const int row0 = blockIdx.x * kRows;
@@ -145,12 +154,8 @@ dual_timestep_embedding_fwd_kernel(const void* t0, int64_t st0, int code0, const
     for (int i = threadIdx.x; i < kRows * F; i += blockDim.x) {
       const int r = i / F;
       const int col = i - r * F;
-      float v = 0.0f;  // rows past B and the odd-F pad column are 0
-      if (r < nrows && col < 2 * half) {
-        const float tv = load_t(t, code, static_cast<int64_t>(row0 + r) * st);
-        const float a = tv * freqs[col < half ? col : col - half];
-        v = col < half ? sinf(a) : cosf(a);
-      }
+      float v = 0.0f;  // rows past B are 0 (and sinusoid() is 0 in the odd-F pad column)
+      if (r < nrows) v = temb::sinusoid(load_t(t, code, static_cast<int64_t>(row0 + r) * st), freqs, col, half);
       feat[i] = round_w<W>(v);
     }
     __syncthreads();
@@ -164,11 +169,17 @@ dual_timestep_embedding_fwd_kernel(const void* t0, int64_t st0, int code0, const
                        out + static_cast<int64_t>(row0) * H, nrows);
 }
 
+// Bytes of the per-block workspace (features, hidden, concatenation; fp32); must match
+// dualdiff.ops.timestep_embedding.cuda_workspace_bytes.
+size_t workspace_bytes(int F, int H) {
+  return sizeof(float) * kRows * (static_cast<size_t>(F) + 3 * static_cast<size_t>(H));
+}
+
 template <typename W>
 void launch(std::uintptr_t t0, std::int64_t st0, int code0, std::uintptr_t t1, std::int64_t st1, int code1,
             std::uintptr_t freqs, const std::uintptr_t* w, std::uintptr_t out, int B, int F, int H,
-            cudaStream_t stream) {
-  const size_t smem = sizeof(float) * kRows * (static_cast<size_t>(F) + 3 * static_cast<size_t>(H));
+            std::uintptr_t scratch, cudaStream_t stream) {
+  const size_t smem = scratch != 0 ? 0 : workspace_bytes(F, H);
   auto kernel = dual_timestep_embedding_fwd_kernel<W>;
   if (smem > 48 * 1024) {
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -186,7 +197,8 @@ void launch(std::uintptr_t t0, std::int64_t st0, int code0, std::uintptr_t t1, s
       reinterpret_cast<const void*>(t0), st0, code0, reinterpret_cast<const void*>(t1), st1, code1,
       ptr<const float>(freqs), ptr<const W>(w[0]), ptr<const W>(w[1]), ptr<const W>(w[2]),
       ptr<const W>(w[3]), ptr<const W>(w[4]), ptr<const W>(w[5]), ptr<const W>(w[6]),
-      ptr<const W>(w[7]), ptr<const W>(w[8]), ptr<const W>(w[9]), ptr<W>(out), B, F, F / 2, H);
+      ptr<const W>(w[7]), ptr<const W>(w[8]), ptr<const W>(w[9]), ptr<W>(out), B, F, F / 2, H,
+      scratch != 0 ? ptr<float>(scratch) : nullptr);
   check_cuda_launch("timestep_embedding_forward_cuda");
 }
 
@@ -199,7 +211,7 @@ void timestep_embedding_forward_cuda(std::uintptr_t t0, std::int64_t stride_t0, 
                                      std::uintptr_t b10, std::uintptr_t w12, std::uintptr_t b12,
                                      std::uintptr_t wo, std::uintptr_t bo, std::uintptr_t out,
                                      std::int64_t B, std::int64_t F, std::int64_t H, int dtype,
-                                     std::uintptr_t stream) {
+                                     std::uintptr_t scratch, std::uintptr_t stream) {
   DUALDIFF_CHECK(B > 0 && B < (1LL << 31), "timestep_embedding: batch size out of range");
   DUALDIFF_CHECK(F >= 2 && H > 0 && F < (1 << 20) && H < (1 << 20),
                  "timestep_embedding: freq_dim must be >= 2 and hidden_dim > 0");
@@ -207,9 +219,9 @@ void timestep_embedding_forward_cuda(std::uintptr_t t0, std::int64_t stride_t0, 
   auto s = reinterpret_cast<cudaStream_t>(stream);
   const int b = static_cast<int>(B), f = static_cast<int>(F), h = static_cast<int>(H);
   switch (static_cast<DType>(dtype)) {
-    case DType::Float32: launch<float>(t0, stride_t0, t0_code, t1, stride_t1, t1_code, freqs, w, out, b, f, h, s); break;
-    case DType::Float16: launch<__half>(t0, stride_t0, t0_code, t1, stride_t1, t1_code, freqs, w, out, b, f, h, s); break;
-    case DType::BFloat16: launch<__nv_bfloat16>(t0, stride_t0, t0_code, t1, stride_t1, t1_code, freqs, w, out, b, f, h, s); break;
+    case DType::Float32: launch<float>(t0, stride_t0, t0_code, t1, stride_t1, t1_code, freqs, w, out, b, f, h, scratch, s); break;
+    case DType::Float16: launch<__half>(t0, stride_t0, t0_code, t1, stride_t1, t1_code, freqs, w, out, b, f, h, scratch, s); break;
+    case DType::BFloat16: launch<__nv_bfloat16>(t0, stride_t0, t0_code, t1, stride_t1, t1_code, freqs, w, out, b, f, h, scratch, s); break;
     default: DUALDIFF_CHECK(false, "timestep_embedding: weights must be float32, float16 or bfloat16");
   }
 }

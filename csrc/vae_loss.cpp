@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "dualdiff.h"
+#include "vae_math.h"
 
 #ifdef DUALDIFF_WITH_OPENMP
 #include <omp.h>
@@ -91,27 +92,25 @@ DUALDIFF_VAE_INLINE vf vlog1p_unit(vf e) {
   return 2.0f * z * p;
 }
 
+// The element terms are csrc/vae_math.h's (the CUDA kernels' formulas) on 8-float vectors, with
+// the polynomial exp / log1p above.
 // softplus form of BCE(sigmoid(l), x): max(l, 0) - l x + log(1 + exp(-|l|)).
 DUALDIFF_VAE_INLINE vf vbce(vf l, vf x) {
-  const vf e = vexp(vmin(l, -l));  // exp(-|l|) in (0, 1]
-  return vmax(l, splat(0.0f)) - l * x + vlog1p_unit(e);
+  return vae::bce_term(l, x, vlog1p_unit(vexp(vae::neg_abs(l))));  // exp(-|l|) in (0, 1]
 }
 
 // 1 / (1 + exp(-l)): no cancellation on either side; |l| > 87 saturates at 1 or ~1.6e-38.
-DUALDIFF_VAE_INLINE vf vsigmoid(vf l) { return 1.0f / (1.0f + vexp(-l)); }
+DUALDIFF_VAE_INLINE vf vsigmoid(vf l) { return vae::sigmoid_from_exp(vexp(-l)); }
 
 DUALDIFF_VAE_INLINE vf vterm(vf l, vf x, bool mse) {
-  if (mse) {
-    const vf d = vsigmoid(l) - x;
-    return d * d;
-  }
+  if (mse) return vae::mse_term(vsigmoid(l), x);
   return vbce(l, x);
 }
 
 DUALDIFF_VAE_INLINE vf vgrad(vf l, vf x, float scale, bool mse) {
   const vf s = vsigmoid(l);
-  if (mse) return 2.0f * (s - x) * s * (1.0f - s) * scale;
-  return (s - x) * scale;
+  if (mse) return vae::mse_grad(s, x) * scale;
+  return vae::bce_grad(s, x) * scale;
 }
 
 DUALDIFF_VAE_CLONES
@@ -162,7 +161,7 @@ double recon_sum(const float* l, const float* x, std::int64_t n, bool mse) {
 }
 
 // -0.5 * (1 + logvar - mu^2 - exp(logvar)); exp saturates at logvar = 87 (the reference gives inf).
-DUALDIFF_VAE_INLINE vf vkl(vf u, vf lv) { return -0.5f * (1.0f + lv - u * u - vexp(lv)); }
+DUALDIFF_VAE_INLINE vf vkl(vf u, vf lv) { return vae::kl_term(u, lv, vexp(lv)); }
 
 DUALDIFF_VAE_CLONES
 float kl_chunk_sum(const float* mu, const float* logvar, std::int64_t n) {
@@ -186,12 +185,12 @@ void kl_chunk_grad(const float* mu, const float* logvar, float* gmu, float* glog
                    std::int64_t n, float scale) {
   std::int64_t i = 0;
   for (; i + kW <= n; i += kW) {
-    store(gmu + i, load(mu + i) * scale);
-    store(glogvar + i, 0.5f * (vexp(load(logvar + i)) - 1.0f) * scale);
+    store(gmu + i, vae::kl_grad_mu(load(mu + i)) * scale);
+    store(glogvar + i, vae::kl_grad_logvar(vexp(load(logvar + i))) * scale);
   }
   for (; i < n; ++i) {
-    gmu[i] = mu[i] * scale;
-    glogvar[i] = 0.5f * (std::exp(logvar[i]) - 1.0f) * scale;
+    gmu[i] = vae::kl_grad_mu(mu[i]) * scale;
+    glogvar[i] = vae::kl_grad_logvar(std::exp(logvar[i])) * scale;
   }
 }
 
@@ -265,7 +264,7 @@ void vae_loss_forward_cuda(std::uintptr_t logits, std::uintptr_t x, std::int64_t
                            std::uintptr_t kl, double recon_scale, double kl_scale,
                            double kl_weight, bool mse, bool has_recon, std::uintptr_t stream);
 void vae_loss_backward_cuda(std::uintptr_t logits, std::uintptr_t x, std::uintptr_t glogits,
-                            std::int64_t n, int recon_dtype, std::uintptr_t mu,
+                            std::int64_t n, std::int64_t g_r, std::int64_t g_k, int recon_dtype, std::uintptr_t mu,
                             std::uintptr_t logvar, std::uintptr_t gmu, std::uintptr_t glogvar,
                             std::int64_t m, int latent_dtype, std::uintptr_t gtotal,
                             std::uintptr_t grecon, std::uintptr_t gkl, double recon_scale,

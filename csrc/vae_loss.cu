@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 
 #include "dualdiff.h"
+#include "vae_math.h"
 
 namespace dualdiff {
 namespace {
@@ -38,22 +39,17 @@ struct alignas(16) Pack {
   T v[kVec];
 };
 
+// Element terms from csrc/vae_math.h (shared with the CPU kernels), with the GPU's exp / log1p.
 template <bool MSE>
 __device__ __forceinline__ float recon_term(float l, float x) {
-  if (MSE) {
-    const float s = 1.0f / (1.0f + __expf(-l));
-    const float d = s - x;
-    return d * d;
-  }
-  // softplus form of BCE(sigmoid(l), x): max(l, 0) - l x + log(1 + exp(-|l|))
-  return fmaxf(l, 0.0f) - l * x + log1pf(__expf(-fabsf(l)));
+  if (MSE) return vae::mse_term(vae::sigmoid_from_exp(__expf(-l)), x);
+  return vae::bce_term(l, x, log1pf(__expf(vae::neg_abs(l))));
 }
 
 template <bool MSE>
 __device__ __forceinline__ float recon_grad(float l, float x) {
-  const float s = 1.0f / (1.0f + __expf(-l));
-  if (MSE) return 2.0f * (s - x) * s * (1.0f - s);
-  return s - x;
+  const float s = vae::sigmoid_from_exp(__expf(-l));
+  return MSE ? vae::mse_grad(s, x) : vae::bce_grad(s, x);
 }
 
 // Sum of v over the block; the result is valid in thread 0. Fixed tree: deterministic.
@@ -106,7 +102,7 @@ vae_fwd_partials(const T* __restrict__ logits,    // [n]
     for (std::int64_t i = static_cast<std::int64_t>(b - p_r) * kThreads + threadIdx.x; i < m;
          i += stride) {
       const float u = to_f(mu[i]), lv = to_f(logvar[i]);
-      acc += -0.5f * (1.0f + lv - u * u - __expf(lv));
+      acc += vae::kl_term(u, lv, __expf(lv));
     }
   }
   acc = block_sum<kThreads>(acc);
@@ -174,8 +170,8 @@ vae_bwd(const T* __restrict__ logits,    // [n]
     const std::int64_t i = static_cast<std::int64_t>(blockIdx.x - g_r) * kThreads + threadIdx.x;
     if (i < m) {
       const float u = to_f(mu[i]), lv = to_f(logvar[i]);
-      gmu[i] = from_f<TL>(u * g);
-      glogvar[i] = from_f<TL>(0.5f * (__expf(lv) - 1.0f) * g);
+      gmu[i] = from_f<TL>(vae::kl_grad_mu(u) * g);
+      glogvar[i] = from_f<TL>(vae::kl_grad_logvar(__expf(lv)) * g);
     }
   }
 }
@@ -232,7 +228,7 @@ void vae_loss_forward_cuda(std::uintptr_t logits, std::uintptr_t x, std::int64_t
 }
 
 void vae_loss_backward_cuda(std::uintptr_t logits, std::uintptr_t x, std::uintptr_t glogits,
-                            std::int64_t n, int recon_dtype, std::uintptr_t mu,
+                            std::int64_t n, std::int64_t g_r, std::int64_t g_k, int recon_dtype, std::uintptr_t mu,
                             std::uintptr_t logvar, std::uintptr_t gmu, std::uintptr_t glogvar,
                             std::int64_t m, int latent_dtype, std::uintptr_t gtotal,
                             std::uintptr_t grecon, std::uintptr_t gkl, double recon_scale,
@@ -244,12 +240,14 @@ void vae_loss_backward_cuda(std::uintptr_t logits, std::uintptr_t x, std::uintpt
   }
   auto s = reinterpret_cast<cudaStream_t>(stream);
   const bool al = aligned16(logits, x, glogits);
-  const std::int64_t g_k = (m + kThreads - 1) / kThreads;
+  DUALDIFF_CHECK(g_r >= 0 && g_k > 0 && g_r + g_k <= 0x7fffffffLL,
+                 "vae_loss_backward_cuda: grid out of range (tensor too large)");
+  DUALDIFF_CHECK(g_k * kThreads >= m, "vae_loss_backward_cuda: g_k blocks do not cover the latents");
   dispatch_float(recon_dtype, [&](auto t) {
     using T = decltype(t);
     constexpr int V = Pack<T>::kVec;
-    const std::int64_t g_r = (n + static_cast<std::int64_t>(kThreads) * V - 1) / (kThreads * V);
-    DUALDIFF_CHECK(g_r + g_k < (1LL << 31), "vae_loss_backward_cuda: tensor too large");
+    // g_r (from dualdiff.ops.vae.cuda_backward_blocks): one V-element pack per thread
+    DUALDIFF_CHECK(g_r * kThreads * V >= n, "vae_loss_backward_cuda: g_r blocks do not cover the image");
     dispatch_float(latent_dtype, [&](auto tl) {
       using TL = decltype(tl);
       auto kernel = mse ? vae_bwd<T, TL, true> : vae_bwd<T, TL, false>;

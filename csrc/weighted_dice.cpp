@@ -1,7 +1,9 @@
 // weighted_dice: C++ CPU kernels (OpenMP) and registration of the CUDA launchers.
 //
 // Layout: logits x [B, C, S] fp32 and target g [B, C, S] (fp32 or uint8; bool arrives as
-// uint8), contiguous. Rows are the B*C (b, c) pairs. Formula: see dualdiff/ops/weighted_dice.py.
+// uint8), contiguous; weight [B] or [B, C] fp32, or none. Rows are the B*C (b, c) pairs. The
+// formulas (activations, Dice terms, their derivatives) are the shared functions of
+// weighted_dice_math.h, which the CUDA kernels use too.
 //
 // forward: work items (row, spatial chunk) -- or (b, chunk) for softmax, which needs every
 // channel of a pixel -- compute partial sums of p*g, p (p^2), g (g^2) in parallel (dynamic
@@ -25,6 +27,8 @@
 // 32-byte vectors in the baseline-ISA variant: only passed between always-inline functions.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
+#include "weighted_dice_math.h"  // after the pragma: its templates are instantiated on those vectors
+
 #ifdef DUALDIFF_WITH_OPENMP
 #include <omp.h>
 #endif
@@ -32,8 +36,12 @@
 namespace dualdiff {
 namespace {
 
-constexpr int ACT_SIGMOID = 0, ACT_SOFTMAX = 1, ACT_NONE = 2;
-constexpr int RED_NONE = 0, RED_MEAN = 1;
+using dice::ACT_NONE;
+using dice::ACT_SIGMOID;
+using dice::ACT_SOFTMAX;
+using dice::RED_MEAN;
+using dice::RED_NONE;
+using dice::splat;
 constexpr int64_t CHUNK = 2048;  // pixels per work item
 
 #define DD_INLINE inline __attribute__((always_inline))
@@ -66,10 +74,6 @@ struct VT<vf16> {
 constexpr int MAX_W = 16;
 constexpr int MAX_FIXED_C = 8;  // softmax bodies with C fixed at compile time: C = 2 .. 8
 
-template <typename V>
-DD_INLINE V splat(float v) {
-  return V{} + v;
-}
 template <typename V, typename M>
 DD_INLINE V vsel(M m, V a, V b) {
   return m ? a : b;
@@ -159,7 +163,7 @@ DD_INLINE V vexp(V x) {
 
 template <int ACT, typename V>
 DD_INLINE V activate(V x) {
-  if (ACT == ACT_SIGMOID) return splat<V>(1.0f) / (1.0f + vexp(-x));
+  if (ACT == ACT_SIGMOID) return dice::sigmoid_from_exp(vexp(-x));
   return x;  // ACT_NONE (softmax is handled across channels)
 }
 
@@ -178,18 +182,12 @@ DD_INLINE void fwd_row_item(const float* x, const GT* g, int64_t lo, int64_t hi,
   V a0 = {}, a1 = {}, a2 = {};
   int64_t i = lo;
   for (; i + W <= hi; i += W) {
-    const V p = activate<ACT>(loadv<V>(x + i)), q = loadv<V>(g + i);
-    a0 += p * q;
-    a1 += SQ ? p * p : p;
-    a2 += SQ ? q * q : q;
+    dice::add_terms(activate<ACT>(loadv<V>(x + i)), loadv<V>(g + i), SQ, a0, a1, a2);
   }
   if (i < hi) {
     const int n = static_cast<int>(hi - i);
     const V p = vsel(lanes_below<V>(n), activate<ACT>(loadv_n<V>(x + i, n)), splat<V>(0.f));
-    const V q = loadv_n<V>(g + i, n);
-    a0 += p * q;
-    a1 += SQ ? p * p : p;
-    a2 += SQ ? q * q : q;
+    dice::add_terms(p, loadv_n<V>(g + i, n), SQ, a0, a1, a2);
   }
   part[0] = hsum(a0);
   part[1] = hsum(a1);
@@ -210,7 +208,7 @@ DD_INLINE void softmax_block(const float* x, int64_t S, int64_t i, int n, V* p) 
     p[c] = vexp<false>(p[c] - mx);
     den += p[c];
   }
-  V inv = splat<V>(1.0f) / den;
+  V inv = dice::softmax_scale(den);
   if (!FULL) inv = vsel(lanes_below<V>(n), inv, splat<V>(0.f));
   for (int c = 0; c < NC; ++c) p[c] *= inv;
 }
@@ -219,12 +217,8 @@ template <typename V, int NC, bool SQ, bool FULL, typename GT>
 DD_INLINE void fwd_softmax_block(const float* x, const GT* g, int64_t S, int64_t i, int n, V* acc) {
   V p[NC];
   softmax_block<V, NC, FULL>(x, S, i, n, p);
-  for (int c = 0; c < NC; ++c) {
-    const V q = ld<V, FULL>(g + c * S + i, n);
-    acc[3 * c] += p[c] * q;
-    acc[3 * c + 1] += SQ ? p[c] * p[c] : p[c];
-    acc[3 * c + 2] += SQ ? q * q : q;
-  }
+  for (int c = 0; c < NC; ++c)
+    dice::add_terms(p[c], ld<V, FULL>(g + c * S + i, n), SQ, acc[3 * c], acc[3 * c + 1], acc[3 * c + 2]);
 }
 
 // Softmax over NC channels (stride S) of one sample, pixels [lo, hi) -> part[c * 3 + k];
@@ -254,7 +248,7 @@ DD_INLINE V softmax_exps(const float* x, int64_t C, int64_t S, int64_t i, int n,
     storev(e + c * W, ec);
     den += ec;
   }
-  return splat<V>(1.0f) / den;
+  return dice::softmax_scale(den);
 }
 
 // Any C: buf holds 4*C*W floats of scratch (accessed unaligned).
@@ -274,9 +268,11 @@ DD_INLINE void fwd_softmax_any(const float* x, const GT* g, int64_t C, int64_t S
       const V p = loadv<V>(e + c * W) * inv;
       const V q = full ? loadv<V>(g + c * S + i) : loadv_n<V>(g + c * S + i, n);
       float* a = acc + 3 * c * W;
-      storev(a, loadv<V>(a) + p * q);
-      storev(a + W, loadv<V>(a + W) + (SQ ? p * p : p));
-      storev(a + 2 * W, loadv<V>(a + 2 * W) + (SQ ? q * q : q));
+      V pg = loadv<V>(a), ps = loadv<V>(a + W), gs = loadv<V>(a + 2 * W);
+      dice::add_terms(p, q, SQ, pg, ps, gs);
+      storev(a, pg);
+      storev(a + W, ps);
+      storev(a + 2 * W, gs);
     }
   }
   for (int64_t k = 0; k < 3 * C; ++k) part[k] = hsum(loadv<V>(acc + k * W));
@@ -286,8 +282,8 @@ DD_INLINE void fwd_softmax_any(const float* x, const GT* g, int64_t C, int64_t S
 template <int ACT, bool SQ, typename V>
 DD_INLINE V row_grad(V xv, V q, float ca, float cb) {
   const V p = activate<ACT>(xv);
-  const V dp = ca * q + (SQ ? (2.0f * cb) * p : splat<V>(cb));
-  return ACT == ACT_SIGMOID ? dp * p * (1.0f - p) : dp;
+  const V dp = dice::grad_p(p, q, ca, cb, SQ);
+  return ACT == ACT_SIGMOID ? dice::sigmoid_grad(dp, p) : dp;
 }
 
 template <typename V, int ACT, bool SQ, typename GT>
@@ -308,11 +304,10 @@ DD_INLINE void bwd_softmax_block(const float* x, const GT* g, float* dx, int64_t
   softmax_block<V, NC, FULL>(x, S, i, n, p);
   V dot = {};
   for (int c = 0; c < NC; ++c) {
-    const V q = ld<V, FULL>(g + c * S + i, n);
-    dp[c] = ca[c] * q + (SQ ? (2.0f * cb[c]) * p[c] : splat<V>(cb[c]));
+    dp[c] = dice::grad_p(p[c], ld<V, FULL>(g + c * S + i, n), ca[c], cb[c], SQ);
     dot += p[c] * dp[c];
   }
-  for (int c = 0; c < NC; ++c) st<V, FULL>(dx + c * S + i, p[c] * (dp[c] - dot), n);
+  for (int c = 0; c < NC; ++c) st<V, FULL>(dx + c * S + i, dice::softmax_grad(dp[c], p[c], dot), n);
 }
 
 template <typename V, int NC, bool SQ, typename GT>
@@ -341,13 +336,13 @@ DD_INLINE void bwd_softmax_any(const float* x, const GT* g, float* dx, int64_t C
     for (int64_t c = 0; c < C; ++c) {
       const V p = loadv<V>(pb + c * W) * inv;
       const V q = full ? loadv<V>(g + c * S + i) : loadv_n<V>(g + c * S + i, n);
-      const V dp = ca[c] * q + (SQ ? (2.0f * cb[c]) * p : splat<V>(cb[c]));
+      const V dp = dice::grad_p(p, q, ca[c], cb[c], SQ);
       storev(pb + c * W, p);
       storev(dpb + c * W, dp);
       dot += p * dp;
     }
     for (int64_t c = 0; c < C; ++c) {
-      const V d = loadv<V>(pb + c * W) * (loadv<V>(dpb + c * W) - dot);
+      const V d = dice::softmax_grad(loadv<V>(dpb + c * W), loadv<V>(pb + c * W), dot);
       if (full)
         storev(dx + c * S + i, d);
       else
@@ -435,7 +430,8 @@ Isa pick_isa() {
 
 // ---- drivers -------------------------------------------------------------------------------
 template <int ACT, bool SQ, typename GT>
-void forward(const float* x, const GT* g, const float* w, float* sums, float* loss, const Params& P, int red) {
+void forward(const float* x, const GT* g, const float* w, bool w_per_channel, float* sums, float* loss, const Params& P,
+             int red) {
   const int64_t R = P.B * P.C;
   const int64_t groups = ACT == ACT_SOFTMAX ? P.B : R;
   const int64_t cp = ACT == ACT_SOFTMAX ? P.C : 1;  // rows per group
@@ -477,9 +473,8 @@ void forward(const float* x, const GT* g, const float* w, float* sums, float* lo
     for (int k = 0; k < 3; ++k) sums[k * R + r] = static_cast<float>(s[k]);
     const int64_t b = r / P.C, cc = r % P.C;
     if (cc < P.c0) continue;
-    const float si = sums[r], sp = sums[R + r], sg = sums[2 * R + r];
-    float d = 1.0f - (2.0f * si + P.smooth_nr) / (sp + sg + P.smooth_dr);
-    if (w) d *= w[b];
+    const float d = dice::dice_value(sums[r], sums[R + r], sums[2 * R + r], P.smooth_nr, P.smooth_dr) *
+                    dice::row_weight(w, w_per_channel, r, P.C);
     if (red == RED_NONE)
       loss[b * kept + cc - P.c0] = d;
     else
@@ -489,20 +484,15 @@ void forward(const float* x, const GT* g, const float* w, float* sums, float* lo
 }
 
 template <int ACT, bool SQ, typename GT>
-void backward(const float* x, const GT* g, const float* w, const float* sums, const float* go, float* dx,
-              const Params& P, int red) {
+void backward(const float* x, const GT* g, const float* w, bool w_per_channel, const float* sums, const float* go,
+              float* dx, const Params& P, int red) {
   const int64_t R = P.B * P.C;
   const int64_t kept = P.C - P.c0;
   std::vector<float> ca(R), cb(R);
   const float scale = red == RED_MEAN ? 1.0f / static_cast<float>(P.B * kept) : 1.0f;
   for (int64_t r = 0; r < R; ++r) {
-    const int64_t b = r / P.C, c = r % P.C;
-    float k = 0.f;
-    if (c >= P.c0) k = red == RED_NONE ? go[b * kept + c - P.c0] : go[0] * scale;
-    if (w) k *= w[b];
-    const float den = sums[R + r] + sums[2 * R + r] + P.smooth_dr;
-    ca[r] = -2.0f * k / den;
-    cb[r] = k * (2.0f * sums[r] + P.smooth_nr) / (den * den);
+    const float k = dice::upstream_k(go, w, w_per_channel, r, P.C, P.c0, red, scale);
+    dice::grad_coefficients(k, sums[r], sums[R + r], sums[2 * R + r], P.smooth_nr, P.smooth_dr, ca[r], cb[r]);
   }
   const int64_t groups = ACT == ACT_SOFTMAX ? P.B : R;
   const int64_t items = groups * P.n_chunks;
@@ -555,18 +545,18 @@ void dispatch(int act, bool squared, int g_dtype, Args... args) {
 
 template <int ACT, bool SQ, typename GT>
 struct Fwd {
-  static void run(std::uintptr_t x, std::uintptr_t g, std::uintptr_t w, std::uintptr_t sums, std::uintptr_t loss,
-                  Params P, int red) {
-    forward<ACT, SQ, GT>(ptr<const float>(x), ptr<const GT>(g), w ? ptr<const float>(w) : nullptr, ptr<float>(sums),
-                         ptr<float>(loss), P, red);
+  static void run(std::uintptr_t x, std::uintptr_t g, std::uintptr_t w, bool w_per_channel, std::uintptr_t sums,
+                  std::uintptr_t loss, Params P, int red) {
+    forward<ACT, SQ, GT>(ptr<const float>(x), ptr<const GT>(g), w ? ptr<const float>(w) : nullptr, w_per_channel,
+                         ptr<float>(sums), ptr<float>(loss), P, red);
   }
 };
 
 template <int ACT, bool SQ, typename GT>
 struct Bwd {
-  static void run(std::uintptr_t x, std::uintptr_t g, std::uintptr_t w, std::uintptr_t sums, std::uintptr_t go,
-                  std::uintptr_t dx, Params P, int red) {
-    backward<ACT, SQ, GT>(ptr<const float>(x), ptr<const GT>(g), w ? ptr<const float>(w) : nullptr,
+  static void run(std::uintptr_t x, std::uintptr_t g, std::uintptr_t w, bool w_per_channel, std::uintptr_t sums,
+                  std::uintptr_t go, std::uintptr_t dx, Params P, int red) {
+    backward<ACT, SQ, GT>(ptr<const float>(x), ptr<const GT>(g), w ? ptr<const float>(w) : nullptr, w_per_channel,
                           ptr<const float>(sums), ptr<const float>(go), ptr<float>(dx), P, red);
   }
 };
@@ -581,52 +571,66 @@ Params make_params(int64_t B, int64_t C, int64_t S, int c0, float nr, float dr, 
 }  // namespace
 
 #ifdef DUALDIFF_WITH_CUDA
+// weighted_dice.cu
 void weighted_dice_fwd_cuda(std::uintptr_t x, int x_dtype, std::uintptr_t g, int g_dtype, std::uintptr_t w,
-                            std::uintptr_t partials, int64_t n_chunks, int64_t chunk, std::uintptr_t sums,
-                            std::uintptr_t loss, int64_t B, int64_t C, int64_t S, int act, bool squared, int c0,
-                            float smooth_nr, float smooth_dr, int red, std::uintptr_t stream);
+                            bool w_per_channel, std::uintptr_t partials, int64_t n_chunks, int64_t chunk,
+                            std::uintptr_t sums, std::uintptr_t loss, int64_t B, int64_t C, int64_t S, int act,
+                            bool squared, int c0, float smooth_nr, float smooth_dr, int red, std::uintptr_t stream);
 void weighted_dice_bwd_cuda(std::uintptr_t x, int x_dtype, std::uintptr_t g, int g_dtype, std::uintptr_t w,
-                            std::uintptr_t sums, std::uintptr_t go, std::uintptr_t dx, int64_t B, int64_t C,
-                            int64_t S, int act, bool squared, int c0, float smooth_nr, float smooth_dr, int red,
-                            std::uintptr_t stream);
+                            bool w_per_channel, std::uintptr_t sums, std::uintptr_t go, std::uintptr_t dx, int64_t B,
+                            int64_t C, int64_t S, int act, bool squared, int c0, float smooth_nr, float smooth_dr,
+                            int red, std::uintptr_t stream);
 #endif
 
 void register_weighted_dice(py::module_& m) {
   m.def(
       "weighted_dice_fwd_cpu",
-      [](std::uintptr_t x, std::uintptr_t g, int g_dtype, std::uintptr_t w, std::uintptr_t sums, std::uintptr_t loss,
-         int64_t B, int64_t C, int64_t S, int act, bool squared, int c0, float smooth_nr, float smooth_dr, int red) {
-        const Params P = make_params(B, C, S, c0, smooth_nr, smooth_dr, red);
-        dispatch<Fwd>(act, squared, g_dtype, x, g, w, sums, loss, P, red);
-      },
-      "Weighted Dice forward on the CPU: x [B,C,S] fp32, target fp32/uint8, weight [B] fp32 or 0 -> "
-      "sums [3,B,C] fp32, loss ([] or [B,C-c0]) fp32",
-      py::arg("x"), py::arg("g"), py::arg("g_dtype"), py::arg("w"), py::arg("sums"), py::arg("loss"), py::arg("B"),
-      py::arg("C"), py::arg("S"), py::arg("act"), py::arg("squared"), py::arg("c0"), py::arg("smooth_nr"),
-      py::arg("smooth_dr"), py::arg("reduction"), py::call_guard<py::gil_scoped_release>());
-  m.def(
-      "weighted_dice_bwd_cpu",
-      [](std::uintptr_t x, std::uintptr_t g, int g_dtype, std::uintptr_t w, std::uintptr_t sums, std::uintptr_t go,
-         std::uintptr_t dx, int64_t B, int64_t C, int64_t S, int act, bool squared, int c0, float smooth_nr,
+      [](std::uintptr_t x, std::uintptr_t g, int g_dtype, std::uintptr_t w, bool w_per_channel, std::uintptr_t sums,
+         std::uintptr_t loss, int64_t B, int64_t C, int64_t S, int act, bool squared, int c0, float smooth_nr,
          float smooth_dr, int red) {
         const Params P = make_params(B, C, S, c0, smooth_nr, smooth_dr, red);
-        dispatch<Bwd>(act, squared, g_dtype, x, g, w, sums, go, dx, P, red);
+        dispatch<Fwd>(act, squared, g_dtype, x, g, w, w_per_channel, sums, loss, P, red);
+      },
+      "Weighted Dice forward on the CPU: x [B,C,S] fp32, target fp32/uint8, weight fp32 [B] "
+      "(w_per_channel false) or [B,C] (true) or 0 -> sums [3,B,C] fp32, loss ([] or [B,C-c0]) fp32",
+      py::arg("x"), py::arg("g"), py::arg("g_dtype"), py::arg("w"), py::arg("w_per_channel"), py::arg("sums"),
+      py::arg("loss"), py::arg("B"), py::arg("C"), py::arg("S"), py::arg("act"), py::arg("squared"), py::arg("c0"),
+      py::arg("smooth_nr"), py::arg("smooth_dr"), py::arg("reduction"), py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "weighted_dice_bwd_cpu",
+      [](std::uintptr_t x, std::uintptr_t g, int g_dtype, std::uintptr_t w, bool w_per_channel, std::uintptr_t sums,
+         std::uintptr_t go, std::uintptr_t dx, int64_t B, int64_t C, int64_t S, int act, bool squared, int c0,
+         float smooth_nr, float smooth_dr, int red) {
+        const Params P = make_params(B, C, S, c0, smooth_nr, smooth_dr, red);
+        dispatch<Bwd>(act, squared, g_dtype, x, g, w, w_per_channel, sums, go, dx, P, red);
       },
       "Weighted Dice backward on the CPU: dx [B,C,S] fp32 from the upstream grad go and the saved sums",
-      py::arg("x"), py::arg("g"), py::arg("g_dtype"), py::arg("w"), py::arg("sums"), py::arg("go"), py::arg("dx"),
-      py::arg("B"), py::arg("C"), py::arg("S"), py::arg("act"), py::arg("squared"), py::arg("c0"),
-      py::arg("smooth_nr"), py::arg("smooth_dr"), py::arg("reduction"), py::call_guard<py::gil_scoped_release>());
+      py::arg("x"), py::arg("g"), py::arg("g_dtype"), py::arg("w"), py::arg("w_per_channel"), py::arg("sums"),
+      py::arg("go"), py::arg("dx"), py::arg("B"), py::arg("C"), py::arg("S"), py::arg("act"), py::arg("squared"),
+      py::arg("c0"), py::arg("smooth_nr"), py::arg("smooth_dr"), py::arg("reduction"),
+      py::call_guard<py::gil_scoped_release>());
+  // Built with or without CUDA, so that tests check the launch geometry on any machine.
+  m.def(
+      "weighted_dice_cuda_grid",
+      [](int64_t groups, int64_t S, int64_t cp, int64_t n_chunks) {
+        const dice::CudaGrid gr = dice::cuda_grid(groups, S, cp, n_chunks);
+        return py::make_tuple(gr.fwd_x, gr.fwd_y, gr.bwd_x, gr.bwd_y, gr.bwd_tiles);
+      },
+      "Grids of the CUDA Dice kernels for `groups` row groups of `cp` rows, S pixels, n_chunks forward chunks: "
+      "(fwd_x, fwd_y, bwd_x, bwd_y, bwd_tiles); the kernels grid-stride over what a capped axis leaves",
+      py::arg("groups"), py::arg("S"), py::arg("cp"), py::arg("n_chunks"));
 #ifdef DUALDIFF_WITH_CUDA
   m.def("weighted_dice_fwd_cuda", &weighted_dice_fwd_cuda,
         "Weighted Dice forward on the GPU (partials [B*C, n_chunks, 3] fp32 workspace)", py::arg("x"),
-        py::arg("x_dtype"), py::arg("g"), py::arg("g_dtype"), py::arg("w"), py::arg("partials"), py::arg("n_chunks"),
-        py::arg("chunk"), py::arg("sums"), py::arg("loss"), py::arg("B"), py::arg("C"), py::arg("S"), py::arg("act"),
+        py::arg("x_dtype"), py::arg("g"), py::arg("g_dtype"), py::arg("w"), py::arg("w_per_channel"),
+        py::arg("partials"), py::arg("n_chunks"), py::arg("chunk"), py::arg("sums"), py::arg("loss"), py::arg("B"),
+        py::arg("C"), py::arg("S"), py::arg("act"), py::arg("squared"), py::arg("c0"), py::arg("smooth_nr"),
+        py::arg("smooth_dr"), py::arg("reduction"), py::arg("stream"));
+  m.def("weighted_dice_bwd_cuda", &weighted_dice_bwd_cuda, "Weighted Dice backward on the GPU", py::arg("x"),
+        py::arg("x_dtype"), py::arg("g"), py::arg("g_dtype"), py::arg("w"), py::arg("w_per_channel"),
+        py::arg("sums"), py::arg("go"), py::arg("dx"), py::arg("B"), py::arg("C"), py::arg("S"), py::arg("act"),
         py::arg("squared"), py::arg("c0"), py::arg("smooth_nr"), py::arg("smooth_dr"), py::arg("reduction"),
         py::arg("stream"));
-  m.def("weighted_dice_bwd_cuda", &weighted_dice_bwd_cuda, "Weighted Dice backward on the GPU", py::arg("x"),
-        py::arg("x_dtype"), py::arg("g"), py::arg("g_dtype"), py::arg("w"), py::arg("sums"), py::arg("go"),
-        py::arg("dx"), py::arg("B"), py::arg("C"), py::arg("S"), py::arg("act"), py::arg("squared"), py::arg("c0"),
-        py::arg("smooth_nr"), py::arg("smooth_dr"), py::arg("reduction"), py::arg("stream"));
 #endif
 }
 

@@ -50,8 +50,18 @@ def _ops_check(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``dualdiff: error: ...`` and exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        sub = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""
+        self.exit(2, f"dualdiff: error: {sub}{message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dualdiff", description=__doc__)
+    parser = _Parser(prog="dualdiff", description=__doc__)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback on errors (or set DUALDIFF_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="report what was built and which backends are usable")
     info.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -62,17 +72,42 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print the rows as JSON")
     check.set_defaults(func=_ops_check)
 
+    from dualdiff.cli_ldm import register_ldm_commands
     from dualdiff.cli_lift import register_lift_commands
+    from dualdiff.cli_tadiff import register_tadiff_commands
     from dualdiff.cli_toy2d import register_toy2d_commands
+    from dualdiff.cli_vae import register_vae_commands
 
-    register_lift_commands(sub)
-    register_toy2d_commands(sub)
+    for register in (register_lift_commands, register_toy2d_commands, register_tadiff_commands,
+                     register_vae_commands, register_ldm_commands):
+        register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    """Run the command; a user error prints one ``dualdiff: error: ...`` line and returns 2."""
+    from dualdiff.cli_common import USER_ERRORS, debug_enabled
+
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after an option (``preset=tiny --out-dir X train.steps=3``):
+    # argparse stops filling the ``overrides`` positional at the first option, so gather the rest
+    stray = [tok for tok in extra if tok.startswith("-") or "=" not in tok]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = list(args.overrides or []) + extra
+    if debug_enabled(args):
+        return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS() as e:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"dualdiff: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dualdiff: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

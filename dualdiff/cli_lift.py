@@ -1,52 +1,85 @@
 """``dualdiff lift ...``: train, heatmap, path, plot, generate, generate-for-fid, fid, mse, demo.
 
-Wire into the main parser with ``register_lift_commands(subparsers)``. Every command takes
-``key=value`` overrides: of :class:`dualdiff.experiments.lift.LIFTConfig` for ``train``, of
-:class:`dualdiff.experiments.lift_analysis.LIFTAnalysisConfig` for the others (``--config`` a
-YAML file of the same keys).
+    dualdiff lift train [--out-dir DIR] [--config FILE.yaml] [--resume [auto|PATH]] [--device DEV]
+        [--show-config] [key=value ...]          keys of LIFTConfig, e.g. preset=tiny train.lr=2e-4
+    dualdiff lift heatmap --checkpoint RUN --out-dir DIR [key=value ...]
+    dualdiff lift path --heatmap DIR/heatmap.pt --out-dir DIR [key=value ...]
+    dualdiff lift plot --heatmap DIR/heatmap.pt --out-dir DIR [--paths FILE] [--mse FILE]
+    dualdiff lift generate --checkpoint RUN --out-dir DIR [--heatmap FILE] [paths=[diagonal, dp_total]]
+    dualdiff lift generate-for-fid --checkpoint RUN --out-dir DIR [--heatmap FILE] [fid_path=dp_total num_images=N]
+    dualdiff lift mse --checkpoint RUN --out-dir DIR [key=value ...]
+    dualdiff lift fid FOLDER_A FOLDER_B [--out-dir DIR] [inception_weights=FILE fid_download=false]
+    dualdiff lift demo [--out-dir DIR] [key=value ...]   keys of LIFTDemoConfig: lift.*, analysis.*, device
+
+The analysis commands take keys of :class:`dualdiff.experiments.lift_analysis.LIFTAnalysisConfig`
+(``preset=tiny`` for the CPU-sized one). Every writing command also takes ``--config FILE.yaml``,
+``--device`` and ``--show-config`` (dualdiff/cli_common.py). Wire into the main parser with
+``register_lift_commands(subparsers)``.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
 __all__ = ["register_lift_commands", "main"]
 
 
-def _analysis_cfg(args):
-    from dualdiff.config import load_config
-    from dualdiff.experiments.lift_analysis import LIFTAnalysisConfig
+def _user_facing(command):
+    """``command(args)`` with the library's errors about the user's input (a corrupt or foreign
+    checkpoint, an unreachable dataset, missing FID weights) raised as :class:`UserError`."""
+    @functools.wraps(command)
+    def run(args) -> int:
+        from dualdiff.cli_common import UserError
+        from dualdiff.data.images import DatasetUnavailableError
+        from dualdiff.metrics.fid import InceptionWeightsError
+        from dualdiff.train import CheckpointError
 
-    cfg = load_config(LIFTAnalysisConfig, getattr(args, "config", None), list(args.overrides or []))
-    for attr, key in (("inception_weights", "inception_weights"), ("device", "device")):
-        v = getattr(args, attr, None)
-        if v is not None:
-            setattr(cfg, key, v)
-    cfg.validate()
-    return cfg
+        try:
+            return command(args)
+        except (CheckpointError, DatasetUnavailableError, InceptionWeightsError) as e:
+            raise UserError(str(e)) from e
+    return run
 
 
 def _train(args) -> int:
-    from dualdiff.config import load_config
-    from dualdiff.experiments.lift import LIFT_PRESETS, LIFTConfig, train_lift
+    from dualdiff.cli_common import config_from_args
+    from dualdiff.experiments.lift import LIFTConfig, train_lift
 
-    if args.config:
-        cfg = load_config(LIFTConfig, args.config, list(args.overrides or []))
-    else:
-        from dualdiff.config import apply_overrides
-        import copy
-
-        cfg = copy.deepcopy(LIFT_PRESETS[args.preset])
-        cfg = apply_overrides(cfg, list(args.overrides)) if args.overrides else cfg
-    cfg.train.out_dir = str(args.out_dir)
-    resume = {"no": False, "yes": True, "auto": "auto"}.get(args.resume, args.resume)
-    trainer = train_lift(cfg, args.out_dir, resume=resume)
+    cfg = config_from_args(args)
+    preset = LIFTConfig.from_name(_preset_name(args))
+    out_dir = _flag_or_key("--out-dir", args.out_dir, "train.out_dir", cfg.train.out_dir, preset.train.out_dir)
+    resume = _flag_or_key("--resume", args.resume, "train.resume", cfg.train.resume, preset.train.resume)
+    trainer = train_lift(cfg, out_dir, resume=resume)
     losses = [r["loss"] for r in trainer.history if "loss" in r]
     if losses:
         print(f"trained to step {trainer.step}: loss {losses[0]:.4f} -> {losses[-1]:.4f}; checkpoints in "
-              f"{Path(args.out_dir) / 'checkpoints'}")
+              f"{Path(out_dir) / 'checkpoints'}")
     return 0
+
+
+def _flag_or_key(flag: str, flag_value, key: str, key_value, preset_value):
+    """A flag that names the same thing as a config key: the flag when given, else the key;
+    a :class:`ConfigError` when both were set to different values."""
+    from dualdiff.config import ConfigError
+
+    if flag_value is None:
+        return key_value
+    if key_value not in (flag_value, preset_value):
+        raise ConfigError(f"{flag} {flag_value!r} and {key}={key_value!r} conflict: give one of them")
+    return flag_value
+
+
+def _preset_name(args) -> str:
+    names = [o.partition("=")[2].strip() for o in args.overrides or [] if o.partition("=")[0].strip() == "preset"]
+    return names[-1] if names else args._default_preset
+
+
+def _analysis_cfg(args):
+    from dualdiff.cli_common import config_from_args
+
+    return config_from_args(args)
 
 
 def _heatmap(args) -> int:
@@ -74,7 +107,7 @@ def _path(args) -> int:
 def _plot(args) -> int:
     from dualdiff.experiments.lift_analysis import run_plot
 
-    for f in run_plot(args.heatmap, args.out_dir, _analysis_cfg(args), args.mse):
+    for f in run_plot(args.heatmap, args.out_dir, args.mse, paths=args.paths):
         print(f"wrote {f}")
     return 0
 
@@ -82,8 +115,7 @@ def _plot(args) -> int:
 def _generate(args) -> int:
     from dualdiff.experiments.lift_analysis import run_generate
 
-    cfg = _analysis_cfg(args)
-    samples = run_generate(args.checkpoint, args.out_dir, cfg, heatmap=args.heatmap, kinds=args.path or None)
+    samples = run_generate(args.checkpoint, args.out_dir, _analysis_cfg(args), heatmap=args.heatmap)
     for name in samples:
         print(f"wrote {Path(args.out_dir) / f'samples_{name}.png'}")
     print(f"wrote {Path(args.out_dir) / 'samples.png'}")
@@ -93,27 +125,21 @@ def _generate(args) -> int:
 def _generate_for_fid(args) -> int:
     from dualdiff.experiments.lift_analysis import run_generate_for_fid
 
-    files = run_generate_for_fid(args.checkpoint, args.out_dir, _analysis_cfg(args), kind=args.path,
-                                 heatmap=args.heatmap, n=args.num_images)
+    files = run_generate_for_fid(args.checkpoint, args.out_dir, _analysis_cfg(args), heatmap=args.heatmap)
     print(f"wrote {len(files)} images to {args.out_dir}")
     return 0
 
 
 def _fid(args) -> int:
     from dualdiff.experiments.lift_analysis import run_fid
-    from dualdiff.metrics.fid import InceptionWeightsError
 
-    cfg = _analysis_cfg(args)
-    if args.cache_dir:
-        cfg.fid_cache_dir = args.cache_dir
-    try:
-        value = run_fid(args.folder_a, args.folder_b, cfg, allow_download=False if args.no_download else None)
-    except InceptionWeightsError as e:
-        print(f"error: {e}")
-        return 2
+    value = run_fid(args.folder_a, args.folder_b, _analysis_cfg(args))
     print(f"FID {value:.4f}")
-    if args.out:
-        Path(args.out).write_text(json.dumps({"fid": value, "a": str(args.folder_a), "b": str(args.folder_b)}))
+    if args.out_dir is not None:
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "fid.json").write_text(json.dumps({"fid": value, "a": str(args.folder_a), "b": str(args.folder_b)}))
+        print(f"wrote {out / 'fid.json'}")
     return 0
 
 
@@ -127,100 +153,118 @@ def _mse(args) -> int:
 
 
 def _demo(args) -> int:
+    from dualdiff.cli_common import config_from_args
     from dualdiff.experiments.lift_analysis import run_demo
 
-    train_ov = [o[len("train:"):] for o in args.overrides or [] if o.startswith("train:")]
-    ana_ov = [o for o in args.overrides or [] if not o.startswith("train:")]
-    run_demo(args.out_dir, train_overrides=train_ov, analysis_overrides=ana_ov, steps=args.steps)
+    run_demo(config_from_args(args), args.out_dir)
     return 0
 
 
-def _common(p: argparse.ArgumentParser, *, checkpoint=False, heatmap=False, out_dir=True, config=True):
+def _analysis_command(sub, name: str, help: str, *, checkpoint=False, heatmap: str | None = None,
+                      folders: bool = False, out_dir: str = "required") -> argparse.ArgumentParser:
+    """A sub-command configured by LIFTAnalysisConfig (``preset=tiny|default``, default ``default``)."""
+    from dualdiff.cli_common import add_run_options
+    from dualdiff.experiments.lift_analysis import LIFT_ANALYSIS_PRESETS, LIFTAnalysisConfig
+
+    p = sub.add_parser(name, help=help, description=help)
     if checkpoint:
         p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory (latest step_*.pt)")
-    if heatmap:
+    if heatmap == "required":
         p.add_argument("--heatmap", required=True, help="heatmap.pt / .json written by `dualdiff lift heatmap`")
-    if out_dir:
-        p.add_argument("--out-dir", required=True, help="output folder")
-    if config:
-        p.add_argument("--config", default=None, help="YAML file of LIFTAnalysisConfig keys")
-        p.add_argument("--device", default=None, help="auto | cpu | cuda[:k] (default: the config's)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides (LIFTAnalysisConfig keys, e.g. num_points=30 probes=8)")
+    elif heatmap == "optional":
+        p.add_argument("--heatmap", default=None, help="heatmap for the dp_* / fixed_* paths")
+    if folders:  # before the key=value list, so that argparse assigns them first
+        p.add_argument("folder_a", help="image folder")
+        p.add_argument("folder_b", help="image folder")
+    add_run_options(p, LIFTAnalysisConfig, presets=LIFT_ANALYSIS_PRESETS, default_preset="default",
+                    out_dir=out_dir, resume=False)
+    return p
+
+
+def _intermixed(base: type[argparse.ArgumentParser]) -> type[argparse.ArgumentParser]:
+    """``base`` parsing ``key=value`` words on both sides of options
+    (``train preset=tiny --out-dir D train.lr=2e-4``): argparse's intermixed parsing, which
+    leaf commands (no sub-commands of their own) support."""
+    class Intermixed(base):  # type: ignore[misc, valid-type]
+        _parsing = False
+
+        def parse_known_args(self, args=None, namespace=None):
+            if self._parsing:  # the intermixed parser's own inner passes
+                return super().parse_known_args(args, namespace)
+            self._parsing = True
+            try:
+                return self.parse_known_intermixed_args(args, namespace)
+            finally:
+                self._parsing = False
+    return Intermixed
 
 
 def register_lift_commands(subparsers) -> argparse.ArgumentParser:
     """Add ``lift`` with its sub-commands to an ``add_subparsers()`` object; returns the lift parser."""
+    from dualdiff.cli_common import add_run_options
+    from dualdiff.experiments.lift import LIFT_PRESETS, LIFTConfig
+    from dualdiff.experiments.lift_analysis import LIFT_DEMO_PRESETS, LIFTDemoConfig
+
     lift = subparsers.add_parser("lift", help="LIFT dual-scale diffusion: train, error heatmap, paths, generation, FID",
                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = lift.add_subparsers(dest="lift_command", required=True)
+    sub = lift.add_subparsers(dest="lift_command", required=True, parser_class=_intermixed(type(lift)))
 
-    p = sub.add_parser("train", help="train a LIFT model (tiny or default preset, YAML config, key=value overrides)")
-    p.add_argument("--config", default=None, help="YAML file of LIFTConfig keys")
-    p.add_argument("--preset", default="default", choices=["default", "tiny"], help="starting config without --config")
-    p.add_argument("--out-dir", required=True, help="run folder (checkpoints, metrics)")
-    p.add_argument("--resume", default="no", help="no | yes | auto | a checkpoint path")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="LIFTConfig overrides, e.g. train.steps=1000")
-    p.set_defaults(func=_train)
+    p = sub.add_parser("train", help="train a LIFT model (preset=tiny|default, YAML config, key=value overrides)",
+                       description="Train a LIFT model. The run folder is --out-dir (or the train.out_dir key; "
+                                   "default runs/lift, runs/lift-tiny with preset=tiny). "
+                                   "Example: dualdiff lift train preset=tiny train.lr=2e-4 --out-dir runs/t")
+    add_run_options(p, LIFTConfig, presets=LIFT_PRESETS, default_preset="default", out_dir="optional")
+    p.set_defaults(func=_user_facing(_train))
 
-    p = sub.add_parser("heatmap", help="error heatmap over (γ0, γ1) with batched Hutchinson JVPs (torchrun: sharded)")
-    _common(p, checkpoint=True)
-    p.set_defaults(func=_heatmap)
+    p = _analysis_command(sub, "heatmap", "error heatmap over (γ0, γ1) with batched Hutchinson JVPs "
+                                          "(torchrun: sharded)", checkpoint=True)
+    p.set_defaults(func=_user_facing(_heatmap))
 
-    p = sub.add_parser("path", help="seed DP, greedy and fixed-step DP paths through a heatmap; per-kind sampling paths")
-    _common(p, heatmap=True)
-    p.set_defaults(func=_path)
+    p = _analysis_command(sub, "path", "seed DP, greedy and fixed-step DP paths through a heatmap -> paths.json; "
+                                       "per-kind sampling paths -> path_<kind>.json", heatmap="required")
+    p.set_defaults(func=_user_facing(_path))
 
-    p = sub.add_parser("plot", help="heatmap with path overlays (and the MSE chart with --mse)")
-    _common(p, heatmap=True)
-    p.add_argument("--mse", default=None, help="mse.json from `dualdiff lift mse` to plot as bars")
-    p.set_defaults(func=_plot)
+    p = sub.add_parser("plot", help="heatmap with the saved paths drawn on it (and the MSE chart with --mse)")
+    p.add_argument("--heatmap", required=True, help="heatmap.pt / .json written by `dualdiff lift heatmap`")
+    p.add_argument("--out-dir", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--paths", default=None, metavar="FILE",
+                   help="paths.json written by `dualdiff lift path` (default: DIR/paths.json)")
+    p.add_argument("--mse", default=None, metavar="FILE", help="mse.json from `dualdiff lift mse` to plot as bars")
+    p.set_defaults(func=_user_facing(_plot))
 
-    p = sub.add_parser("generate", help="DDIM sample grids along diagonal / DP / saved paths")
-    _common(p, checkpoint=True)
-    p.add_argument("--heatmap", default=None, help="heatmap for the dp_* / fixed_* paths")
-    p.add_argument("--path", action="append", default=None,
-                   help="path kind (diagonal, ddim, dp_total, dp_64, fixed_total, fixed_64) or a path_*.json; repeatable")
-    p.set_defaults(func=_generate)
+    p = _analysis_command(sub, "generate", "DDIM sample grids along the `paths` key's kinds "
+                                           "(diagonal, ddim, dp_total, dp_64, fixed_total, fixed_64, path_*.json)",
+                          checkpoint=True, heatmap="optional")
+    p.set_defaults(func=_user_facing(_generate))
 
-    p = sub.add_parser("generate-for-fid", help="write N generated PNGs along one path (progress bar)")
-    _common(p, checkpoint=True)
-    p.add_argument("--heatmap", default=None, help="heatmap for the dp_* / fixed_* paths")
-    p.add_argument("--path", default="diagonal", help="path kind or a path_*.json file")
-    p.add_argument("-n", "--num-images", type=int, default=None, help="number of images (default: num_images)")
-    p.set_defaults(func=_generate_for_fid)
+    p = _analysis_command(sub, "generate-for-fid", "write num_images generated PNGs along the path fid_path "
+                                                   "(progress bar)", checkpoint=True, heatmap="optional")
+    p.set_defaults(func=_user_facing(_generate_for_fid))
 
-    p = sub.add_parser("fid", help="FID between two image folders (pytorch-fid Inception; stats cached as .npz)")
-    p.add_argument("folder_a")
-    p.add_argument("folder_b")
-    p.add_argument("--inception-weights", default=None,
-                   help="local pt_inception-2015-12-05-6726825d.pth (else the torch hub cache or a download)")
-    p.add_argument("--cache-dir", default=None, help="folder for cached statistics (.npz)")
-    p.add_argument("--no-download", action="store_true", help="never try to download the Inception weights")
-    p.add_argument("--out", default=None, help="write {fid: ...} JSON here")
-    _common(p, out_dir=False)
-    p.set_defaults(func=_fid)
+    p = _analysis_command(sub, "fid", "FID between two image folders (pytorch-fid Inception; stats cached as "
+                                      ".npz in fid_cache_dir); with --out-dir also writes fid.json",
+                          folders=True, out_dir="optional")
+    p.set_defaults(func=_user_facing(_fid))
 
-    p = sub.add_parser("mse", help="the seed's MSE tests (both noisy; clean 32 + noisy 64; clean 64 + noisy 32)")
-    _common(p, checkpoint=True)
-    p.set_defaults(func=_mse)
+    p = _analysis_command(sub, "mse", "the seed's MSE tests (both noisy; clean 32 + noisy 64; clean 64 + noisy 32)",
+                          checkpoint=True)
+    p.set_defaults(func=_user_facing(_mse))
 
-    p = sub.add_parser("demo", help="whole pipeline on the embedded data with the tiny config (CPU, minutes)")
-    p.add_argument("--out-dir", default="runs/lift-demo", help="output folder (default runs/lift-demo)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="training steps of the tiny model (default: the tiny preset's, 600)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="LIFTAnalysisConfig overrides; prefix with train: for LIFTConfig ones (train:train.lr=1e-3)")
-    p.set_defaults(func=_demo)
+    p = sub.add_parser("demo", help="whole pipeline on the embedded data with the tiny config (CPU, minutes)",
+                       description="Train, heatmap, paths, sample grids beside training images, MSE tests, "
+                                   "plots (and FID with Inception weights). Keys: lift.* (LIFTConfig), "
+                                   "analysis.* (LIFTAnalysisConfig), device; e.g. lift.train.steps=100")
+    add_run_options(p, LIFTDemoConfig, presets=LIFT_DEMO_PRESETS, default_preset="tiny", out_dir="optional",
+                    default_out_dir="runs/lift-demo", resume=False)
+    p.set_defaults(func=_user_facing(_demo))
     return lift
 
 
 def main(argv=None) -> int:
-    """Stand-alone entry (``python -m dualdiff.cli_lift lift ...``) for use before cli.py wires it in."""
-    parser = argparse.ArgumentParser(prog="dualdiff")
-    register_lift_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    """``python -m dualdiff.cli_lift lift ...``: the same as ``dualdiff lift ...``."""
+    from dualdiff.cli import main as dualdiff_main
+
+    return dualdiff_main(argv)
 
 
 if __name__ == "__main__":

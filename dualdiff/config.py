@@ -9,7 +9,7 @@ to the annotated type and refusing anything it does not understand:
 * a value that does not fit names the key, the expected type and the value it got;
 * nested dataclasses are addressed with dots (``train.lr=1e-4``); a ``dict`` field can be
   set whole (``train.optimizer_kwargs={betas: [0.9, 0.99]}``) or key by key
-  (``train.optimizer_kwargs.weight_decay=0.1``).
+  (``train.optimizer_kwargs.eps=1e-6``).
 
 Supported annotations: ``bool``, ``int``, ``float``, ``str``, ``pathlib.Path``, ``Enum``
 subclasses, ``Literal[...]``, ``Optional[X]`` / ``X | None`` / unions, ``list[X]``,

@@ -28,6 +28,13 @@ FINAL_BLOCK = 1024   # partials summed per step by the finalize program
 NUM_WARPS = 8
 
 
+MAX_GRID_X = 2**31 - 1  # CUDA limit of grid axis 0 (the only axis used)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # plain ints: Triton's host helpers cost microseconds per call
+
+
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -37,6 +44,23 @@ def _max_programs(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # interpreter: every program is a Python loop
     return min(MAX_PARTIALS, 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device()))
+
+
+def forward_grid(n: int, m: int, max_programs: int) -> tuple[int, int]:
+    """(P_r, P_k): forward programs for the n image elements (0: KL only) and the m latent
+    elements, each at most ``max_programs`` (grid-stride loops cover the rest)."""
+    p_r = min(max_programs, _cdiv(n, RECON_BLOCK)) if n else 0
+    return p_r, min(max_programs, _cdiv(m, LATENT_BLOCK))
+
+
+def backward_grid(n: int, m: int) -> tuple[int, int]:
+    """(G_r, G_k): backward programs, one per RECON_BLOCK image / LATENT_BLOCK latent elements;
+    raises ValueError past the grid limit (n > ~4e12 elements)."""
+    g_r, g_k = _cdiv(n, RECON_BLOCK), _cdiv(m, LATENT_BLOCK)
+    if g_r + g_k > MAX_GRID_X:
+        raise ValueError(f"vae_loss: {n} image and {m} latent elements need {g_r + g_k} programs, "
+                         f"over the CUDA grid limit {MAX_GRID_X}")
+    return g_r, g_k
 
 
 @triton.jit
@@ -162,21 +186,16 @@ def vae_loss_forward(recon_logits, x, mu, logvar, total, recon, kl, *,
     """Write total, recon, kl ([] fp32). recon_logits / x may be None (KL only: gaussian_kl,
     then total and recon are ignored). All tensors contiguous on one device."""
     device = mu.device
-    cap = _max_programs(device)
     M = mu.numel()
-    p_k = min(cap, triton.cdiv(M, LATENT_BLOCK))
-    if recon_logits is not None:
-        N = recon_logits.numel()
-        p_r = min(cap, triton.cdiv(N, RECON_BLOCK))
-    else:
-        N, p_r = 0, 0
+    N = recon_logits.numel() if recon_logits is not None else 0
+    p_r, p_k = forward_grid(N, M, _max_programs(device))
     partials = torch.empty(p_r + p_k, dtype=torch.float32, device=device)
     logits_arg = recon_logits if recon_logits is not None else mu
     x_arg = x if x is not None else mu
     _vae_fwd_partials_kernel[(p_r + p_k,)](
         logits_arg, x_arg, mu, logvar, partials, N, M, p_r, p_k,
-        triton.cdiv(triton.cdiv(N, RECON_BLOCK), max(p_r, 1)),
-        triton.cdiv(triton.cdiv(M, LATENT_BLOCK), p_k),
+        _cdiv(_cdiv(N, RECON_BLOCK), max(p_r, 1)),
+        _cdiv(_cdiv(M, LATENT_BLOCK), p_k),
         MSE=mse, BLOCK=RECON_BLOCK, LBLOCK=LATENT_BLOCK, num_warps=NUM_WARPS,
     )
     has_recon = recon_logits is not None
@@ -195,8 +214,7 @@ def vae_loss_backward(recon_logits, x, mu, logvar, g_total, g_recon, g_kl,
     M = mu.numel()
     has_recon = recon_logits is not None
     N = recon_logits.numel() if has_recon else 0
-    g_r = triton.cdiv(N, RECON_BLOCK)
-    g_k = triton.cdiv(M, LATENT_BLOCK)
+    g_r, g_k = backward_grid(N, M)
     _vae_bwd_kernel[(g_r + g_k,)](
         recon_logits if has_recon else mu, x if has_recon else mu,
         grad_logits if has_recon else grad_mu,

@@ -13,7 +13,7 @@ from torch import nn
 from dualdiff.train import (CheckpointError, TrainConfig, Trainer, atomic_save, latest_checkpoint,
                             list_checkpoints, load_checkpoint, save_checkpoint)
 from dualdiff.train.checkpoint import find_resumable
-from dualdiff.train.loop import _rng_state, _set_rng_state
+from dualdiff.train.state import rng_state as _rng_state, set_rng_state as _set_rng_state
 
 
 def _dataset(n=32):

@@ -9,14 +9,19 @@ import torch
 
 from dualdiff.diffusion import DDIMScheduler, NoiseSchedule, ddim_timesteps, make_schedule, previous_timesteps
 
-diffusers = pytest.importorskip("diffusers")
+
+@pytest.fixture
+def diffusers(require):
+    """diffusers, the reference these tests compare with (a skip without it; a failure under CI=true)."""
+    return require("diffusers")
+
 
 PRED = ["epsilon", "sample", "v_prediction"]
 SPACING = ["leading", "trailing", "linspace"]
 SHAPE = (3, 2, 5, 4)
 
 
-def _pair(beta_schedule="linear", set_alpha_to_one=True, steps_offset=0, spacing="leading", pred="epsilon", fp64=True, clip=False, clip_range=1.0):
+def _pair(diffusers, beta_schedule="linear", set_alpha_to_one=True, steps_offset=0, spacing="leading", pred="epsilon", fp64=True, clip=False, clip_range=1.0):
     """(ours, diffusers) built on the same betas; with fp64 diffusers gets our float64 ᾱ table."""
     d = diffusers.DDIMScheduler(
         num_train_timesteps=1000, beta_schedule=beta_schedule, set_alpha_to_one=set_alpha_to_one,
@@ -36,8 +41,8 @@ def _pair(beta_schedule="linear", set_alpha_to_one=True, steps_offset=0, spacing
     [(sp, n, off) for sp in SPACING for n in (1, 7, 30, 50, 333, 1000) for off in (0, 1)
      if not (sp == "leading" and off == 1 and n == 1000)],
 )
-def test_set_timesteps_matches_diffusers(spacing, n, offset):
-    ours, d = _pair(spacing=spacing, steps_offset=offset)
+def test_set_timesteps_matches_diffusers(spacing, n, offset, diffusers):
+    ours, d = _pair(diffusers, spacing=spacing, steps_offset=offset)
     d.set_timesteps(n)
     ts = ours.set_timesteps(n, spacing)
     assert ts.dtype == torch.int64
@@ -70,16 +75,16 @@ def _run_both(ours, d, pred, n, eta, clip=False, clip_range=1.0, dtype=torch.flo
 
 
 @pytest.mark.parametrize("pred,spacing,eta", list(itertools.product(PRED, SPACING, [0.0, 0.6])))
-def test_step_matches_diffusers_fp64(pred, spacing, eta):
-    ours, d = _pair(beta_schedule="linear", spacing=spacing, pred=pred)
+def test_step_matches_diffusers_fp64(pred, spacing, eta, diffusers):
+    ours, d = _pair(diffusers, beta_schedule="linear", spacing=spacing, pred=pred)
     for t, got, ref in _run_both(ours, d, pred, 13, eta, spacing=spacing):
         torch.testing.assert_close(got.pred_original_sample, ref.pred_original_sample, rtol=1e-10, atol=1e-10, msg=f"x0 t={t}")
         torch.testing.assert_close(got.prev_sample, ref.prev_sample, rtol=1e-10, atol=1e-10, msg=f"prev t={t}")
 
 
 @pytest.mark.parametrize("pred,set_one", list(itertools.product(PRED, [True, False])))
-def test_step_matches_diffusers_clip_and_final_alpha(pred, set_one):
-    ours, d = _pair(beta_schedule="squaredcos_cap_v2", set_alpha_to_one=set_one, steps_offset=1, pred=pred, clip=True, clip_range=1.5)
+def test_step_matches_diffusers_clip_and_final_alpha(pred, set_one, diffusers):
+    ours, d = _pair(diffusers, beta_schedule="squaredcos_cap_v2", set_alpha_to_one=set_one, steps_offset=1, pred=pred, clip=True, clip_range=1.5)
     for use_clipped in (False, True):
         for t, got, ref in _run_both(ours, d, pred, 10, 1.0, clip=True, clip_range=1.5, use_clipped=use_clipped):
             assert float(got.pred_original_sample.abs().max()) <= 1.5
@@ -88,17 +93,17 @@ def test_step_matches_diffusers_clip_and_final_alpha(pred, set_one):
 
 
 @pytest.mark.parametrize("pred", PRED)
-def test_step_matches_diffusers_default_fp32(pred):
+def test_step_matches_diffusers_default_fp32(pred, diffusers):
     """Out of the box (diffusers' float32 tables, our float64 ones) on float32 samples."""
-    ours, d = _pair(beta_schedule="scaled_linear", pred=pred, fp64=False, spacing="trailing")
+    ours, d = _pair(diffusers, beta_schedule="scaled_linear", pred=pred, fp64=False, spacing="trailing")
     for t, got, ref in _run_both(ours, d, pred, 20, 0.0, dtype=torch.float32, spacing="trailing"):
         assert got.prev_sample.dtype == torch.float32
         torch.testing.assert_close(got.prev_sample, ref.prev_sample, rtol=2e-4, atol=2e-4, msg=f"t={t}")
         torch.testing.assert_close(got.pred_original_sample, ref.pred_original_sample, rtol=2e-4, atol=2e-4)
 
 
-def test_generator_noise_matches_diffusers():
-    ours, d = _pair()
+def test_generator_noise_matches_diffusers(diffusers):
+    ours, d = _pair(diffusers)
     d.set_timesteps(10)
     x, out = torch.randn(SHAPE, dtype=torch.float64), torch.randn(SHAPE, dtype=torch.float64)
     ref = d.step(out, 500, x, eta=1.0, generator=torch.Generator().manual_seed(3)).prev_sample

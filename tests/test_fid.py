@@ -6,10 +6,7 @@ import urllib.error
 import numpy as np
 import pytest
 import torch
-import torchvision
 from PIL import Image
-from pytorch_fid import inception as pfi
-from pytorch_fid.fid_score import calculate_frechet_distance
 
 from dualdiff.metrics.fid import (
     InceptionWeightsError,
@@ -46,7 +43,8 @@ def _folder(path, n, seed, shift=0.0):
     return path
 
 
-def test_fid_matches_pytorch_fid_formula_and_caches(tmp_path):
+def test_fid_matches_pytorch_fid_formula_and_caches(tmp_path, require):
+    calculate_frechet_distance = require("pytorch_fid.fid_score").calculate_frechet_distance
     a = _folder(tmp_path / "a", 20, 0)
     b = _folder(tmp_path / "b", 20, 1, shift=0.1)
     ext = TinyFeatures()
@@ -78,7 +76,8 @@ def test_bad_folders(tmp_path):
         list_images(tmp_path / "empty")
 
 
-def test_offline_without_weights_says_how(tmp_path, monkeypatch):
+def test_offline_without_weights_says_how(tmp_path, monkeypatch, require):
+    pfi = require("pytorch_fid.inception")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
     with pytest.raises(InceptionWeightsError, match="--inception-weights"):
         load_inception(allow_download=False)
@@ -95,7 +94,9 @@ def test_offline_without_weights_says_how(tmp_path, monkeypatch):
         fid_from_folders(tmp_path, tmp_path, allow_download=False)
 
 
-def test_local_inception_weights_file(tmp_path, monkeypatch):
+def test_local_inception_weights_file(tmp_path, monkeypatch, require):
+    torchvision = require("torchvision")
+    pfi = require("pytorch_fid.inception")
     # build the FID Inception's structure without weights, save its (random) state dict
     with monkeypatch.context() as m:
         m.setattr(pfi, "load_state_dict_from_url", lambda *a, **k: {})

@@ -12,10 +12,14 @@ from dualdiff._backend import BackendUnavailableError
 from dualdiff.ops.frechet import frechet_distance, frechet_distance_reference, trace_sqrt_product
 from dualdiff.testing import forced_backend
 
-pytorch_fid = pytest.importorskip("pytorch_fid.fid_score")
+
+@pytest.fixture
+def pytorch_fid(require):
+    """pytorch-fid's fid_score, the reference (a skip without it; a failure under CI=true)."""
+    return require("pytorch_fid.fid_score")
 
 
-def pytorch_fid_distance(mu1, s1, mu2, s2, eps=1e-6):
+def pytorch_fid_distance(pytorch_fid, mu1, s1, mu2, s2, eps=1e-6):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # scipy's `disp` deprecation, LinAlgWarning
         return float(pytorch_fid.calculate_frechet_distance(
@@ -42,31 +46,31 @@ def stats_2048_rank_deficient():
     return feature_stats(700, 2048, 3)
 
 
-def test_matches_pytorch_fid_2048_full_rank(stats_2048_full):
+def test_matches_pytorch_fid_2048_full_rank(stats_2048_full, pytorch_fid):
     (m1, s1), (m2, s2) = stats_2048_full
     assert int(torch.linalg.cholesky_ex(s1)[1]) == 0  # positive definite: the Cholesky route
     ours = frechet_distance(m1, s1, m2, s2)
-    ref = pytorch_fid_distance(m1.numpy(), s1.numpy(), m2.numpy(), s2.numpy())
+    ref = pytorch_fid_distance(pytorch_fid, m1.numpy(), s1.numpy(), m2.numpy(), s2.numpy())
     assert isinstance(ours, float)
     assert abs(ours - ref) <= 1e-6 * abs(ref), (ours, ref)
 
 
 @pytest.mark.slow  # ~10 s of scipy sqrtm (more on a loaded CPU)
-def test_matches_pytorch_fid_2048_rank_deficient(stats_2048_rank_deficient, stats_2048_full):
+def test_matches_pytorch_fid_2048_rank_deficient(stats_2048_rank_deficient, stats_2048_full, pytorch_fid):
     """700 samples in 2048 dims: a singular sigma1, so a singular product (scipy warns).
     (Both sigmas singular takes the eigh route: compared with pytorch-fid at D=257 below.)"""
     m1, s1 = stats_2048_rank_deficient
     _, (m2, s2) = stats_2048_full
     assert int(torch.linalg.cholesky_ex(s1)[1]) != 0  # singular: sigma2 gets factored instead
     ours = frechet_distance(m1, s1, m2, s2)
-    ref = pytorch_fid_distance(m1.numpy(), s1.numpy(), m2.numpy(), s2.numpy())
+    ref = pytorch_fid_distance(pytorch_fid, m1.numpy(), s1.numpy(), m2.numpy(), s2.numpy())
     assert abs(ours - ref) <= 1e-6 * abs(ref), (ours, ref)
 
 
 @pytest.mark.parametrize("n", [600, 150])  # full rank and rank-deficient at D=257
-def test_methods_agree_with_pytorch_fid_small(n):
+def test_methods_agree_with_pytorch_fid_small(n, pytorch_fid):
     (m1, s1), (m2, s2) = feature_stats(n, 257, 10), feature_stats(n + 31, 257, 11)
-    ref = pytorch_fid_distance(m1.numpy(), s1.numpy(), m2.numpy(), s2.numpy())
+    ref = pytorch_fid_distance(pytorch_fid, m1.numpy(), s1.numpy(), m2.numpy(), s2.numpy())
     for method in ("auto", "eigh") + (("cholesky",) if n > 257 else ()):
         ours = frechet_distance(m1, s1, m2, s2, method=method)
         assert abs(ours - ref) <= 1e-6 * abs(ref), (method, ours, ref)
@@ -98,9 +102,9 @@ def test_same_distribution_is_zero_and_symmetric():
     assert frechet_distance(m1, s1, m2, s2) == pytest.approx(frechet_distance(m2, s2, m1, s1), rel=1e-10)
 
 
-def test_numpy_and_float32_inputs():
+def test_numpy_and_float32_inputs(pytorch_fid):
     (m1, s1), (m2, s2) = feature_stats(300, 40, 7), feature_stats(300, 40, 8)
-    ref = pytorch_fid_distance(m1.numpy(), s1.numpy(), m2.numpy(), s2.numpy())
+    ref = pytorch_fid_distance(pytorch_fid, m1.numpy(), s1.numpy(), m2.numpy(), s2.numpy())
     got_np = frechet_distance(m1.numpy(), s1.numpy(), m2.numpy(), s2.numpy())
     assert got_np == pytest.approx(ref, rel=1e-6)
     got_mixed = frechet_distance(m1, s1.numpy(), m2.numpy(), s2)
@@ -108,11 +112,11 @@ def test_numpy_and_float32_inputs():
     # float32 statistics are computed in float64 (pytorch-fid's sqrtm would run in float32):
     # compare with pytorch-fid on the same values upcast
     f32 = [t.float() for t in (m1, s1, m2, s2)]
-    ref32 = pytorch_fid_distance(*[t.double().numpy() for t in f32])
+    ref32 = pytorch_fid_distance(pytorch_fid, *[t.double().numpy() for t in f32])
     assert frechet_distance(*f32) == pytest.approx(ref32, rel=1e-6)
 
 
-def test_eps_retry_matches_pytorch_fid_eps_branch(monkeypatch):
+def test_eps_retry_matches_pytorch_fid_eps_branch(monkeypatch, pytorch_fid):
     """Force the first evaluation to fail in both: the eps-offset results must agree."""
     (m1, s1), (m2, s2) = feature_stats(120, 200, 12), feature_stats(150, 200, 13)
     eps = 1e-4
@@ -127,7 +131,7 @@ def test_eps_retry_matches_pytorch_fid_eps_branch(monkeypatch):
         return real_sqrtm(a, disp=disp, **kw)
 
     monkeypatch.setattr(pytorch_fid.linalg, "sqrtm", failing_sqrtm)
-    ref = pytorch_fid_distance(m1.numpy(), s1.numpy(), m2.numpy(), s2.numpy(), eps=eps)
+    ref = pytorch_fid_distance(pytorch_fid, m1.numpy(), s1.numpy(), m2.numpy(), s2.numpy(), eps=eps)
     assert calls["scipy"] == 2
 
     real_trace = frechet_mod.trace_sqrt_product
@@ -147,22 +151,22 @@ def test_eps_retry_matches_pytorch_fid_eps_branch(monkeypatch):
     assert abs(frechet_distance(m1, s1, m2, s2) - ref) > 1e-4 * abs(ref)
 
 
-def test_small_negative_eigenvalue_is_real_part_like_pytorch_fid():
+def test_small_negative_eigenvalue_is_real_part_like_pytorch_fid(pytorch_fid):
     """A rounding-size negative eigenvalue gives an imaginary part < 1e-3: both drop it."""
     mu = torch.zeros(3, dtype=torch.float64)
     s1 = torch.eye(3, dtype=torch.float64)
     s2 = torch.diag(torch.tensor([2.0, 0.5, -1e-8], dtype=torch.float64))
-    ref = pytorch_fid_distance(mu.numpy(), s1.numpy(), mu.numpy(), s2.numpy())
+    ref = pytorch_fid_distance(pytorch_fid, mu.numpy(), s1.numpy(), mu.numpy(), s2.numpy())
     assert frechet_distance(mu, s1, mu, s2, method="eigh") == pytest.approx(ref, rel=1e-9)
     assert frechet_distance(mu, s1, mu, s2) == pytest.approx(ref, rel=1e-9)
 
 
-def test_large_imaginary_component_raises_like_pytorch_fid():
+def test_large_imaginary_component_raises_like_pytorch_fid(pytorch_fid):
     mu = torch.zeros(3, dtype=torch.float64)
     s1 = torch.eye(3, dtype=torch.float64)
     s2 = torch.diag(torch.tensor([2.0, 0.5, -0.25], dtype=torch.float64))
     with pytest.raises(ValueError, match="Imaginary component"):
-        pytorch_fid_distance(mu.numpy(), s1.numpy(), mu.numpy(), s2.numpy())
+        pytorch_fid_distance(pytorch_fid, mu.numpy(), s1.numpy(), mu.numpy(), s2.numpy())
     with pytest.raises(ValueError, match="imaginary component"):
         frechet_distance(mu, s1, mu, s2)
     with pytest.raises(ValueError, match="sigma1 has a negative eigenvalue"):

@@ -96,10 +96,10 @@ def test_oracle_ddim_recovers_the_data(schedule, kind):
     torch.testing.assert_close(x32, c32.expand(2, -1, -1, -1), atol=1e-4, rtol=0)
 
 
-def test_generate_matches_diffusers_ddim(schedule):
+def test_generate_matches_diffusers_ddim(schedule, require):
     """generate() on a t-dependent model along the DDIM scheduler's own timesteps equals a
     plain diffusers DDIMScheduler loop (same betas, clip_sample, eta 0) at both scales."""
-    diffusers = pytest.importorskip("diffusers")
+    diffusers = require("diffusers")
     torch.manual_seed(0)
     tiny = TinyDual()
 

@@ -183,6 +183,7 @@ def test_bf16_autocast_stays_close_to_fp32(schedule, tiny_lift):
         compute_error_heatmap(tiny_lift, x, schedule, amp="fp8", **kw)
 
 
+@pytest.mark.slow  # compiles the jvp of every scale: minutes on 2 CPU cores
 def test_compiled_heatmap_equals_eager(schedule, tiny_lift):
     """compile=True (one compiled batched jvp per scale, reused across cell batches, including a
     smaller last batch) gives the eager values."""

@@ -1,12 +1,14 @@
 """LIFT training through the shared Trainer: the loss falls, checkpoints reload to identical
 outputs (weights_only), resume continues exactly, the loss function's options."""
+import copy
+
 import pytest
 import torch
 
-from dualdiff.config import apply_overrides, dump_yaml, load_config
+from dualdiff.config import ConfigError, apply_overrides, dump_yaml, load_config
 from dualdiff.diffusion import make_schedule
-from dualdiff.experiments.lift import (LIFTConfig, LIFTDataConfig, lift_loss, load_lift_model,
-                                       train_lift)
+from dualdiff.experiments.lift import (LIFT_PRESETS, LIFTConfig, LIFTDataConfig, lift_loss,
+                                       load_lift_model, train_lift)
 from dualdiff.models.lift import LIFTDualTimestepModel, LIFTModelConfig, SingleScaleUNet
 from dualdiff.train import TrainConfig
 
@@ -21,15 +23,17 @@ def _one_thread():
     yield
     torch.set_num_threads(n)
 
+TINY_CHANNELS = [16, 32]
+
+
 def _micro(steps=30, **train_kw) -> LIFTConfig:
-    """Smaller than LIFTConfig.tiny() so that training tests stay fast on a shared CPU."""
-    kw = dict(steps=steps, batch_size=4, lr=3e-3, weight_decay=0.01, scheduler="cosine",
+    """Smaller than the tiny preset so that training tests stay fast on a shared CPU."""
+    kw = dict(steps=steps, batch_size=4, lr=3e-3, weight_decay=0.01, scheduler="cosine", min_lr=3e-5,
               grad_clip=1.0, ema_decay=0.9, log_every=1, progress=False, checkpoint_every=0)
     kw.update(train_kw)
     return LIFTConfig(model=LIFTModelConfig(channels=[8, 16], time_freq_dim=8, time_emb_dim=32,
                                             num_heads=2),
-                      data=LIFTDataConfig(num_images=64, seed=1), train=TrainConfig(**kw),
-                      min_lr=3e-5)
+                      data=LIFTDataConfig(num_images=64, seed=1), train=TrainConfig(**kw))
 
 
 def _probe_inputs():
@@ -42,29 +46,60 @@ def test_defaults_match_the_issue():
     cfg = LIFTConfig()
     assert cfg.schedule == "lift_cosine" and cfg.T == 1000 and not cfg.shared_timesteps
     assert cfg.train.optimizer == "adamw" and cfg.train.lr == 1e-4 and cfg.train.weight_decay == 0.01
-    assert cfg.train.scheduler == "cosine" and cfg.min_lr == 1e-6 and cfg.train.batch_size == 64
+    assert cfg.train.scheduler == "cosine" and cfg.train.min_lr == 1e-6 and cfg.train.batch_size == 64
     assert cfg.model.channels == [64, 128, 256, 512] and cfg.loss_reduction == "sum"
-    tiny = LIFTConfig.tiny()
-    assert tiny.model.channels == [16, 32]
+    assert LIFTConfig.from_name("default") == cfg and set(LIFT_PRESETS) == {"tiny", "default"}
+    tiny = LIFTConfig.from_name("tiny")
+    assert tiny.model.channels == TINY_CHANNELS and tiny.train.min_lr < tiny.train.lr
+    tiny.train.lr = 1.0  # from_name returns a fresh copy each time
+    assert LIFTConfig.from_name("tiny").train.lr != 1.0
+    with pytest.raises(ConfigError, match="unknown LIFT preset 'huge'.*tiny"):
+        LIFTConfig.from_name("huge")
+    tiny = LIFTConfig.from_name("tiny")
     # YAML round trip and key=value overrides
     again = load_config(LIFTConfig, __import__("yaml").safe_load(dump_yaml(tiny)))
     assert again == tiny
     over = apply_overrides(tiny, ["train.lr=1e-3", "shared_timesteps=true", "model.channels=[8, 16]"])
     assert over.train.lr == 1e-3 and over.shared_timesteps and over.model.channels == [8, 16]
-    with pytest.raises(ValueError, match="image_size"):
+    with pytest.raises(ConfigError, match="image_size"):
         LIFTConfig(data=LIFTDataConfig(image_size=32))
-    with pytest.raises(ValueError, match="path"):
+    with pytest.raises(ConfigError, match="path"):
         LIFTDataConfig(source="folder")
+
+
+def test_min_lr_is_one_key_and_validate_never_rewrites():
+    """Regression: a top-level ``min_lr`` used to overwrite ``train.min_lr_ratio`` at training
+    time, silently dropping the user's value. The final LR is ``train.min_lr`` only."""
+    from dualdiff.config import valid_keys
+    from dualdiff.experiments.lift import _prepared
+
+    keys = valid_keys(LIFTConfig)
+    assert [k for k in keys if "min_lr" in k] == ["train.min_lr"]
+    cfg = apply_overrides(LIFTConfig.from_name("tiny"), ["train.min_lr=1e-4"])
+    before = copy.deepcopy(cfg)
+    cfg.validate()
+    assert cfg == before
+    assert _prepared(cfg, "somewhere", None).train.min_lr == 1e-4
+    with pytest.raises(ConfigError, match="min_lr"):
+        apply_overrides(cfg, ["train.min_lr=1.0"])  # above train.lr
+    with pytest.raises(ConfigError, match="unknown config key 'min_lr'"):
+        apply_overrides(cfg, ["min_lr=1e-5"])
+
+
+def test_cosine_lr_ends_at_train_min_lr(tmp_path):
+    cfg = _micro(steps=4, min_lr=1e-4)
+    trainer = train_lift(cfg, tmp_path / "run", verbose=False)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4, rel=1e-6)  # after the last step
+    assert trainer.history[-1]["lr"] > 1e-4
 
 
 def test_tiny_preset_ema_forgets_the_initial_weights():
     """Regression: the demo sampled an EMA that (decay 0.99, no warm-up, 200 steps) still held
     0.99**200 = 13% of the random initial weights, on top of a model too short-trained for its
     high-noise ε (samples were per-pixel noise). The preset's EMA must forget the init."""
-    tr = LIFTConfig.tiny().train
+    tr = LIFTConfig.from_name("tiny").train
     assert 0 < tr.ema_warmup < tr.steps
-    assert tr.ema_decay ** (tr.steps - tr.ema_warmup) < 0.01
-    assert tr.steps >= 500  # measured: below ~500 steps the demo's samples show no structure
+    assert tr.ema_decay ** (tr.steps - tr.ema_warmup) < 0.02  # of the (already trained) warm-up weights
 
 
 def test_training_loss_falls_and_checkpoint_reloads(tmp_path, capsys):
@@ -110,6 +145,10 @@ def test_resume_is_exact(tmp_path):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
     with pytest.raises(FileNotFoundError):
         train_lift(cfg, tmp_path / "empty", resume=True, verbose=False)
+    # resume=None follows the config's train.resume key
+    cfg.train.resume = "auto"
+    again = train_lift(cfg, tmp_path / "b", verbose=False)
+    assert again.resumed_from is not None and again.step == 6
 
 
 def test_single_scale_baseline_trains_and_loads(tmp_path):

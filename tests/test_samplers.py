@@ -20,7 +20,12 @@ from dualdiff.diffusion import (
     q_posterior,
 )
 
-diffusers = pytest.importorskip("diffusers")
+
+@pytest.fixture
+def diffusers(require):
+    """diffusers, the reference these tests compare with (a skip without it; a failure under CI=true)."""
+    return require("diffusers")
+
 
 PRED = ["epsilon", "sample", "v_prediction"]
 
@@ -84,7 +89,7 @@ def test_q_posterior_is_bayes_for_skipped_steps():
     torch.testing.assert_close(mean, m, rtol=1e-10, atol=1e-10)
 
 
-def _ddpm_pair(pred, variance_type, beta_schedule="linear"):
+def _ddpm_pair(diffusers, pred, variance_type, beta_schedule="linear"):
     d = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule=beta_schedule, prediction_type=pred,
                                 variance_type=variance_type, clip_sample=False)
     s = NoiseSchedule(d.betas.double())
@@ -93,8 +98,8 @@ def _ddpm_pair(pred, variance_type, beta_schedule="linear"):
 
 
 @pytest.mark.parametrize("pred,variance_type", list(itertools.product(PRED, ["fixed_small", "fixed_large"])))
-def test_ddpm_step_matches_diffusers_full_chain(pred, variance_type):
-    s, d = _ddpm_pair(pred, variance_type)
+def test_ddpm_step_matches_diffusers_full_chain(pred, variance_type, diffusers):
+    s, d = _ddpm_pair(diffusers, pred, variance_type)
     B = 2
     x_ours = torch.randn(B, 3, dtype=torch.float64)
     x_d = x_ours.clone()
@@ -109,8 +114,8 @@ def test_ddpm_step_matches_diffusers_full_chain(pred, variance_type):
 
 
 @pytest.mark.parametrize("pred", PRED)
-def test_ddpm_step_matches_diffusers_skipped_steps(pred):
-    s, d = _ddpm_pair(pred, "fixed_small", "squaredcos_cap_v2")
+def test_ddpm_step_matches_diffusers_skipped_steps(pred, diffusers):
+    s, d = _ddpm_pair(diffusers, pred, "fixed_small", "squaredcos_cap_v2")
     d.set_timesteps(40)
     ts = d.timesteps
     prev = torch.cat([ts[1:], torch.tensor([-1])])
@@ -170,7 +175,7 @@ def _toy_model(x, t):
 
 
 @pytest.mark.parametrize("pred,eta", [("epsilon", 0.0), ("v_prediction", 0.0), ("sample", 0.0), ("epsilon", 1.0)])
-def test_ddim_sample_matches_diffusers_loop(pred, eta):
+def test_ddim_sample_matches_diffusers_loop(pred, eta, diffusers):
     d = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", prediction_type=pred, clip_sample=False)
     s = NoiseSchedule(d.betas.double())
     d.alphas_cumprod = s.alphas_cumprod.clone()
@@ -232,6 +237,59 @@ def test_ddim_sample_tuple_inputs_dual_scale():
         b = sched.step(ob, tb, b, torch.full((2,), p32)).prev_sample
     torch.testing.assert_close(out64, a, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(out32, b, rtol=1e-12, atol=1e-12)
+
+
+def test_ddpm_sample_one_generator_per_chunk_equals_each_chunk_alone():
+    """Per-run generators: chunk g of the batch gets its step noise from generator g, so each
+    chunk's samples are those it gets sampled alone with that generator (whatever is sampled
+    beside it, in whatever order)."""
+    from dualdiff.diffusion.samplers import randn_chunks
+
+    s = make_schedule("linear", 30)
+    model = _gauss_model(s, 0.5, 0.3)  # acts on each sample separately
+    seeds, n = [3, 4, 5], 40
+    gens = [torch.Generator().manual_seed(k) for k in seeds]
+    x_T = randn_chunks((3 * n, 2), gens, dtype=torch.float64)
+    got = ddpm_sample(model, x_T, s, generator=gens).sample
+    for g, k in enumerate(seeds):
+        gen = torch.Generator().manual_seed(k)
+        x_alone = torch.randn(n, 2, generator=gen, dtype=torch.float64)
+        torch.testing.assert_close(x_T[g * n:(g + 1) * n], x_alone, rtol=0, atol=0)
+        alone = ddpm_sample(model, x_alone, s, generator=gen).sample
+        torch.testing.assert_close(got[g * n:(g + 1) * n], alone, rtol=1e-12, atol=1e-12)
+    # the chunks in another order: each chunk's samples move with its generator
+    perm = [2, 0, 1]
+    gens_p = [torch.Generator().manual_seed(seeds[g]) for g in perm]
+    x_p = randn_chunks((3 * n, 2), gens_p, dtype=torch.float64)
+    got_p = ddpm_sample(model, x_p, s, generator=gens_p).sample
+    for i, g in enumerate(perm):
+        torch.testing.assert_close(got_p[i * n:(i + 1) * n], got[g * n:(g + 1) * n],
+                                   rtol=1e-12, atol=1e-12)
+
+
+def test_randn_chunks_and_ddpm_step_generator_lists():
+    from dualdiff.diffusion.samplers import randn_chunks
+
+    gens = lambda: [torch.Generator().manual_seed(k) for k in (1, 2)]  # noqa: E731
+    x = randn_chunks((6, 3), gens())
+    ref = torch.cat([torch.randn(3, 3, generator=g) for g in gens()])
+    assert torch.equal(x, ref)
+    one = randn_chunks((6, 3), torch.Generator().manual_seed(1))
+    assert torch.equal(one, torch.randn(6, 3, generator=torch.Generator().manual_seed(1)))
+    # ddpm_step with a list draws exactly randn_chunks' noise
+    s = make_schedule("linear", 100)
+    xt, eps, t = torch.randn(6, 3), torch.randn(6, 3), torch.full((6,), 40)
+    a, _ = ddpm_step(eps, t, xt, s, generator=gens())
+    b, _ = ddpm_step(eps, t, xt, s, variance_noise=randn_chunks((6, 3), gens()))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        randn_chunks((6, 3), gens() * 2)
+    with pytest.raises(TypeError, match="non-empty"):
+        randn_chunks((6, 3), [])
+    with pytest.raises(TypeError, match="torch.Generator"):
+        randn_chunks((6, 3), [torch.Generator(), 3])
+    with pytest.raises(TypeError, match="generator"):
+        ddpm_step(eps, t, xt, s, generator=7)
 
 
 def test_bad_inputs():

@@ -19,7 +19,11 @@ from dualdiff.diffusion import (
     timestep_to_snr,
 )
 
-diffusers = pytest.importorskip("diffusers")
+
+@pytest.fixture
+def diffusers(require):
+    """diffusers, the reference these tests compare with (a skip without it; a failure under CI=true)."""
+    return require("diffusers")
 
 
 @pytest.mark.parametrize("name", SCHEDULES)
@@ -92,7 +96,7 @@ def test_sigmoid_closed_form():
         ("cosine", "squaredcos_cap_v2", {}),
     ],
 )
-def test_betas_match_diffusers(ours, theirs, kw):
+def test_betas_match_diffusers(ours, theirs, kw, diffusers):
     d = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule=theirs, **kw)
     s = make_schedule(ours, 1000, **kw)
     torch.testing.assert_close(s.betas.float(), d.betas, rtol=2e-6, atol=1e-8)

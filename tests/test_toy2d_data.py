@@ -11,16 +11,28 @@ import torch
 
 from dualdiff.data import toy2d
 from dualdiff.data.toy2d import (
-    DATASAURUS_SHA256,
+    DINO_SHA256,
     DatasaurusUnavailableError,
     datasaurus_path,
+    embedded_dino_points,
     get_dataset,
     load_datasaurus,
 )
 
-# the shared test copy of the table: ../shared/data from the project root (never copied in)
-SHARED_TSV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "DatasaurusDozen.tsv"
-needs_tsv = pytest.mark.skipif(not SHARED_TSV.is_file(), reason=f"no test copy at {SHARED_TSV}")
+
+@pytest.fixture
+def table(tmp_path, monkeypatch) -> Path:
+    """A small Datasaurus-Dozen-format table (another set's rows around the embedded dino rows,
+    as in the real file) accepted as the real one: DATASAURUS_SHA256 is patched to its
+    checksum. The real table (64 kB) is not in the repository; tests read nothing outside it."""
+    dino = embedded_dino_points()
+    rows = ["dataset\tx\ty", "away\t32.3311\t61.411"]
+    rows += [f"dino\t{x!r}\t{y!r}" for x, y in dino.tolist()] + ["star\t58.2136\t91.8819"]
+    path = tmp_path / "table" / "DatasaurusDozen.tsv"
+    path.parent.mkdir()
+    path.write_text("\n".join(rows) + "\n")
+    monkeypatch.setattr(toy2d, "DATASAURUS_SHA256", hashlib.sha256(path.read_bytes()).hexdigest())
+    return path
 
 
 @pytest.fixture(autouse=True)
@@ -34,20 +46,14 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", _no_network)
 
 
-def _get(name, n, **kw):
-    if name == "dino":
-        kw.setdefault("path", SHARED_TSV)
-    return get_dataset(name, n, **kw)
-
-
-@pytest.mark.parametrize("name", ["circle", pytest.param("dino", marks=needs_tsv), "line", "moons"])
+@pytest.mark.parametrize("name", ["circle", "dino", "line", "moons"])
 def test_shape_dtype_determinism(name):
-    x = _get(name, 3001)
+    x = get_dataset(name, 3001)
     assert isinstance(x, torch.Tensor) and x.shape == (3001, 2) and x.dtype == torch.float32
     assert torch.isfinite(x).all()
-    assert torch.equal(x, _get(name, 3001))  # fixed seed 42, as the template
-    assert not torch.equal(x, _get(name, 3001, seed=7))
-    assert _get(name, 1).shape == (1, 2)
+    assert torch.equal(x, get_dataset(name, 3001))  # fixed seed 42, as the template
+    assert not torch.equal(x, get_dataset(name, 3001, seed=7))
+    assert get_dataset(name, 1).shape == (1, 2)
 
 
 def test_default_n_is_templates():
@@ -100,13 +106,30 @@ def test_moons_matches_sklearn():
     assert -2.1 < x[:, 1].min() < -1.4 and 2.7 < x[:, 1].max() < 3.4
 
 
-@needs_tsv
+def test_embedded_dino_points_are_the_shipped_file():
+    """The 142 dino rows ship with the package, with their checksum and licence note."""
+    import importlib.resources
+
+    files = importlib.resources.files("dualdiff.data")
+    raw = files.joinpath("datasaurus_dino.tsv").read_bytes()
+    assert hashlib.sha256(raw).hexdigest() == DINO_SHA256
+    note = files.joinpath("datasaurus_dino.LICENSE.md").read_text()
+    assert "MIT" in note and "datasauRus" in note and DINO_SHA256 in note
+    assert toy2d.DATASAURUS_SHA256 in note  # the table the rows were taken from
+    pts = embedded_dino_points()
+    assert pts.shape == (142, 2) and pts.dtype == np.float64
+    assert pts[0].tolist() == [55.3846, 97.1795]  # first row of the table, file order kept
+    assert pts[-1].tolist() == [44.1026, 92.6923]
+    # the Datasaurus Dozen's published summary statistics (every set of the dozen shares them)
+    assert pts.mean(0) == pytest.approx([54.26, 47.83], abs=0.01)
+    assert pts.std(0, ddof=1) == pytest.approx([16.76, 26.93], abs=0.01)
+    assert np.corrcoef(pts.T)[0, 1] == pytest.approx(-0.06, abs=0.01)
+
+
 def test_dino_construction_and_range():
     n = 20000
-    x = get_dataset("dino", n, path=SHARED_TSV).numpy()
-    pts = load_datasaurus("dino", SHARED_TSV)
-    assert pts.shape == (142, 2)
-    assert pts[0].tolist() == [55.3846, 97.1795]  # first row of the table, file order kept
+    x = get_dataset("dino", n).numpy()
+    pts = embedded_dino_points()
     rng = np.random.default_rng(42)  # the template's draws: indices, x noise, y noise
     ix = rng.integers(0, 142, n)
     xs = pts[ix, 0] + rng.normal(size=n) * 0.15
@@ -117,14 +140,21 @@ def test_dino_construction_and_range():
     assert -4.0 < x[:, 1].min() and x[:, 1].max() < 4.5
 
 
-@needs_tsv
-def test_datasaurus_cache_and_checksum(tmp_path, monkeypatch):
+def test_table_source_reads_the_same_points(table):
+    np.testing.assert_array_equal(load_datasaurus("dino", table), embedded_dino_points())
+    assert torch.equal(get_dataset("dino", 500, source="table", path=table),
+                       get_dataset("dino", 500))
+    with pytest.raises(ValueError, match="no Datasaurus subset called 'trex'"):
+        load_datasaurus("trex", table)
+
+
+def test_datasaurus_cache_and_checksum(tmp_path, table):
     cache = tmp_path / "cache"
     # no path, empty cache, no network: a clear error naming what to do
     with pytest.raises(DatasaurusUnavailableError, match="pass path="):
         datasaurus_path()
     with pytest.raises(DatasaurusUnavailableError, match="download=False"):
-        get_dataset("dino", 10, download=False)
+        get_dataset("dino", 10, source="table", download=False)
     # a missing explicit path is an error too (no silent fallback)
     with pytest.raises(DatasaurusUnavailableError, match="path"):
         datasaurus_path(tmp_path / "missing.tsv")
@@ -132,18 +162,17 @@ def test_datasaurus_cache_and_checksum(tmp_path, monkeypatch):
     bad = tmp_path / "bad.tsv"
     bad.write_text("dataset\tx\ty\ndino\t1\t2\n")
     with pytest.raises(ValueError, match="sha256"):
-        get_dataset("dino", 10, path=bad)
+        get_dataset("dino", 10, source="table", path=bad)
     # a cached copy is found and checked
     cache.mkdir(parents=True, exist_ok=True)
-    (cache / "DatasaurusDozen.tsv").write_bytes(SHARED_TSV.read_bytes())
+    (cache / "DatasaurusDozen.tsv").write_bytes(table.read_bytes())
     assert datasaurus_path() == cache / "DatasaurusDozen.tsv"
-    assert torch.equal(get_dataset("dino", 50), get_dataset("dino", 50, path=SHARED_TSV))
+    assert torch.equal(get_dataset("dino", 50, source="table"), get_dataset("dino", 50))
 
 
-@needs_tsv
-def test_datasaurus_download_is_verified(tmp_path, monkeypatch):
+def test_datasaurus_download_is_verified(tmp_path, monkeypatch, table):
     """The download path: fetched bytes land in the cache only when the checksum matches."""
-    payload = {"data": SHARED_TSV.read_bytes()}
+    payload = {"data": table.read_bytes()}
 
     class _Resp:
         def __init__(self, data):
@@ -172,10 +201,10 @@ def test_datasaurus_download_is_verified(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="sha256"):
         datasaurus_path()
     assert not cached.exists() and not list(cached.parent.glob("*.part"))
-    payload["data"] = SHARED_TSV.read_bytes()
+    payload["data"] = table.read_bytes()
     assert datasaurus_path() == cached
     assert seen[-1] == toy2d.DATASAURUS_URL
-    assert hashlib.sha256(cached.read_bytes()).hexdigest() == DATASAURUS_SHA256
+    assert hashlib.sha256(cached.read_bytes()).hexdigest() == toy2d.DATASAURUS_SHA256
 
 
 def test_bad_arguments():
@@ -189,3 +218,7 @@ def test_bad_arguments():
         get_dataset("line", 10.0)
     with pytest.raises(ValueError, match="path"):
         get_dataset("line", 10, path="x.tsv")
+    with pytest.raises(ValueError, match="source='table'"):
+        get_dataset("dino", 10, path="x.tsv")  # the embedded points take no file
+    with pytest.raises(ValueError, match="source"):
+        get_dataset("dino", 10, source="web")

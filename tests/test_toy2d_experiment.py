@@ -1,37 +1,75 @@
 """toy2d grid: stacked models, per-run clipping, stacked == alone training, outputs, plots, CLI."""
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from dualdiff.diffusion import ddpm_sample, make_schedule
-from dualdiff.experiments.toy2d import (Toy2DConfig, branch_weights, build_run_model,
-                                        load_datasets, load_results, run_grid, run_seeds,
-                                        sample_ddpm, train_grid, train_sequential, RunBatches)
+from dualdiff.cli import main as cli_main
+from dualdiff.config import ConfigError, apply_overrides
+from dualdiff.diffusion import ddpm_sample, make_schedule, q_sample
+from dualdiff.experiments.toy2d import (TOY2D_PRESETS, GridBatches, RunBatches, Toy2DConfig,
+                                        branch_weights, build_run_model, grid_runs,
+                                        load_datasets, load_results, make_toy_schedule,
+                                        run_grid, run_seeds, sample_runs, train_grid,
+                                        trainer_config)
 from dualdiff.models.stacked import StackedModels
 from dualdiff.models.toy2d import VARIANTS, build_toy_model
 from dualdiff.train import TrainConfig, Trainer
+from dualdiff.train.distributed import default_device
 
-# the shared test copy of the Datasaurus table: ../shared/data from the project root
-SHARED_TSV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "DatasaurusDozen.tsv"
 SMALL = dict(embedding_dim=16, hidden_dim=32, hidden_layers=1)
+# the tests' sizes, as dotted Toy2DConfig keys over the template's defaults
+TINY = {"data.n_train": 600, "train.steps": 30, "train.batch_size": 32, "num_timesteps": 20,
+        "data.chunk_steps": 8, "n_samples": 300, "train.ema_warmup": 4, "train.ema_every": 2,
+        "train.log_every": 10, "train.progress": False,
+        **{f"model.{k}": v for k, v in SMALL.items()}}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def tiny_config(**kw) -> Toy2DConfig:
-    base = dict(n_train=600, steps=30, batch_size=32, num_timesteps=20, chunk_steps=8,
-                n_samples=300, ema_warmup=4, ema_every=2, log_every=10, progress=False,
-                datasaurus_path=str(SHARED_TSV), **SMALL)
-    base.update(kw)
-    return Toy2DConfig(**base)
+def tiny_config(**overrides) -> Toy2DConfig:
+    """``Toy2DConfig()`` with :data:`TINY` and ``overrides`` (dotted keys, ``.`` as ``__``)."""
+    return apply_overrides(Toy2DConfig(), {**TINY, **{k.replace("__", "."): v
+                                                       for k, v in overrides.items()}})
+
+
+def train_each_alone(runs, data, config: Toy2DConfig, out_dir) -> list[dict]:
+    """The oracle: every run trained alone (plain model, the Trainer's own global clipping), one
+    after the other, with the same seeds and batches as in the grid. Returns per run
+    ``{"run", "model", "ema_model", "train_losses" [steps]}``."""
+    device = default_device(config.train.device)
+    schedule = make_toy_schedule(config).to(device)
+    out = []
+    for v, d in runs:
+        model = build_run_model(v, d, config)
+        batches = GridBatches([data[d]], [run_seeds(config, v, d)["data"]], config, device)
+        history = torch.zeros(config.train.steps, device=device)
+        trainer = Trainer(model, _alone_loss(schedule, history), batches,
+                          trainer_config(config, Path(out_dir) / f"{v}_{d}", device))
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
+        out.append({"run": (v, d), "model": trainer.model, "ema_model": trainer.ema_model,
+                    "train_losses": history.cpu().numpy()})
+    return out
+
+
+def _alone_loss(schedule, history):
+    def loss_fn(m, batch):
+        x0, t, noise = batch["x0"][0], batch["t"][0], batch["noise"][0]
+        loss = F.mse_loss(m(q_sample(x0, t, noise, schedule), t), noise)
+        history[batch["index"]] = loss.detach()
+        return loss
+    return loss_fn
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,12 +217,17 @@ def test_sampling_stacked_equals_ddpm_sample_of_each_member():
     models = [build_toy_model("fixed", **SMALL) for _ in range(2)]
     stack = StackedModels(models).eval()
     sched = make_schedule("linear", num_timesteps=15)
-    got = sample_ddpm(stack, 64, sched, seeds=[11, 12])
+    got = sample_runs(stack, 64, sched, seeds=[11, 12])
     for m, model in enumerate(models):
         g = torch.Generator().manual_seed(11 + m)
         x_T = torch.randn(64, 2, generator=g)
         ref = ddpm_sample(lambda x, t: model(x, t), x_T, sched, generator=g).sample
         torch.testing.assert_close(got[m], ref, rtol=1e-5, atol=1e-5)
+    # a member's samples do not depend on what is sampled beside it
+    alone = sample_runs(StackedModels(models[1:]), 64, sched, seeds=[12])
+    torch.testing.assert_close(alone[0], got[1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="seeds"):
+        sample_runs(stack, 8, sched, seeds=[1])
 
 
 def test_branch_weights_over_timesteps():
@@ -205,13 +248,15 @@ def test_branch_weights_over_timesteps():
 def test_stacked_training_equals_training_each_run_alone(tmp_path):
     """Same seed -> same init, same batches; per-run clipping -> the grid's runs end where each
     run trained alone (plain model, Trainer's own clipping) ends: weights, EMA and losses."""
-    cfg = tiny_config(steps=25, grad_clip=0.05, lr=1e-3)  # small clip: clipping is active
-    datasets = ["circle", "dino"]
-    runs = [(v, d) for v in VARIANTS for d in datasets]
-    data = load_datasets(datasets, cfg)
+    # small clip: clipping is active; dino: the points shipped in the package
+    cfg = tiny_config(train__steps=25, train__grad_clip=0.05, train__lr=1e-3,
+                      datasets=["circle", "dino"])
+    runs = grid_runs(cfg)
+    assert runs == [(v, d) for v in VARIANTS for d in ("circle", "dino")]
+    data = load_datasets(cfg)
     grid = train_grid(runs, data, cfg, tmp_path / "grid")
     assert (grid.model.last_grad_norms > 0.05).all()
-    alone = train_sequential(runs, data, cfg, tmp_path / "alone")
+    alone = train_each_alone(runs, data, cfg, tmp_path / "alone")
     states, ema_states = grid.model.run_state_dicts(), grid.ema_model.run_state_dicts()
     for r, one in enumerate(alone):
         assert one["run"] == runs[r]
@@ -231,9 +276,10 @@ def test_grid_resumes_exactly_after_a_crash(tmp_path):
     """A grid stopped at step 9 (checkpoints every 4 steps and at the stop) and resumed ends
     with the weights, EMA weights and per-step losses of the uninterrupted run; a resume of a
     finished grid trains nothing."""
-    cfg = tiny_config(steps=14, checkpoint_every=4, keep_checkpoints=2)
-    runs = [(v, d) for v in ("baseline", "adaptive") for d in ("circle", "line")]
-    data = load_datasets(["circle", "line"], cfg)
+    cfg = tiny_config(train__steps=14, train__checkpoint_every=4, train__keep_last=2,
+                      variants=["baseline", "adaptive"], datasets=["circle", "line"])
+    runs = grid_runs(cfg)
+    data = load_datasets(cfg)
     full = train_grid(runs, data, cfg, tmp_path / "full")
     part = train_grid(runs, data, cfg, tmp_path / "cut", until=9)
     assert part.trainer.step == 9 and (part.train_losses[9:] == 0).all()
@@ -254,16 +300,19 @@ def test_grid_resumes_exactly_after_a_crash(tmp_path):
     np.testing.assert_array_equal(again.train_losses, full.train_losses)
 
 
+@pytest.mark.slow  # ~10-25 s on 2 shared cores (torch.compile)
 def test_compiled_grid_matches_eager(tmp_path):
     """torch.compile of the grid step (vmap + functional_call traced whole; aot_eager keeps the
     CPU time down) trains to the same weights as eager."""
     import torch._dynamo
     torch._dynamo.reset()
-    cfg = tiny_config(steps=6, warmup_steps_timed=2)
-    runs = [(v, d) for v in ("baseline", "adaptive") for d in ("circle", "moons")]
-    data = load_datasets(["circle", "moons"], cfg)
+    cfg = tiny_config(train__steps=6, warmup_steps_timed=2, variants=["baseline", "adaptive"],
+                      datasets=["circle", "moons"])
+    runs = grid_runs(cfg)
+    data = load_datasets(cfg)
     eager = train_grid(runs, data, cfg, tmp_path / "e")
-    cfg_c = tiny_config(steps=6, warmup_steps_timed=2, compile=True, compile_backend="aot_eager")
+    cfg_c = apply_overrides(cfg, {"train.compile": True,
+                                  "train.compile_kwargs": {"backend": "aot_eager"}})
     comp = train_grid(runs, data, cfg_c, tmp_path / "c")
     assert 0 < comp.first_steps_seconds <= comp.seconds
     for a, b in zip(comp.model.run_state_dicts(), eager.model.run_state_dicts()):
@@ -276,32 +325,57 @@ def test_compiled_grid_matches_eager(tmp_path):
 def test_each_variant_loss_falls(tmp_path):
     # T = 100 as the template; a short run only gets the loss from ~0.97 to ~0.85 (the template's
     # 10 000 steps reach ~0.4-0.5), so compare the means of the first and last 25 steps
-    cfg = tiny_config(steps=150, lr=1e-2, batch_size=64, n_train=1000, chunk_steps=50,
-                      num_timesteps=100, embedding_dim=16, hidden_dim=48, hidden_layers=2)
-    runs = [(v, "line") for v in VARIANTS]
-    grid = train_grid(runs, load_datasets(["line"], cfg), cfg, tmp_path)
+    cfg = tiny_config(train__steps=150, train__lr=1e-2, train__batch_size=64,
+                      data__n_train=1000, data__chunk_steps=50, num_timesteps=100,
+                      model__embedding_dim=16, model__hidden_dim=48, model__hidden_layers=2,
+                      datasets=["line"])
+    runs = grid_runs(cfg)
+    grid = train_grid(runs, load_datasets(cfg), cfg, tmp_path)
     first, last = grid.train_losses[:25].mean(0), grid.train_losses[-25:].mean(0)
     for r, (v, _) in enumerate(runs):
         assert last[r] < 0.93 * first[r], f"{v}: loss {first[r]:.3f} -> {last[r]:.3f}"
 
 
-def test_config_validation():
-    with pytest.raises(ValueError, match="datasets: unknown name 'cube'"):
-        Toy2DConfig(datasets=["circle", "cube"])
-    with pytest.raises(ValueError, match="variants: duplicated"):
-        Toy2DConfig(variants="baseline,baseline")
-    assert Toy2DConfig(datasets="moons, line").datasets == ["moons", "line"]
-    with pytest.raises(ValueError, match="batch_size"):
-        Toy2DConfig(n_train=10, batch_size=32)
-    with pytest.raises(ValueError, match="clip_mode"):
-        Toy2DConfig(clip_mode="global")
+def test_config_defaults_are_the_templates_and_validate_checks_without_changing():
     d = Toy2DConfig()
-    assert (d.num_timesteps, d.beta_start, d.beta_end, d.steps, d.batch_size, d.lr, d.grad_clip,
-            d.ema_decay, d.ema_every, d.n_train, d.n_samples) == (
-        100, 1e-4, 0.02, 10_000, 256, 3e-4, 0.5, 0.995, 10, 100_000, 10_000)
+    t = d.train
+    assert (d.num_timesteps, d.beta_start, d.beta_end, t.steps, t.batch_size, t.lr,
+            t.weight_decay, t.scheduler, t.warmup_steps, t.grad_clip, t.amp, t.ema_decay,
+            t.ema_every, t.ema_warmup, t.checkpoint_every, t.keep_last, t.log_every,
+            d.data.n_train, d.n_samples, d.kl_k, d.data.dino_source) == (
+        100, 1e-4, 0.02, 10_000, 256, 3e-4, 0.01, "cosine", 0, 0.5, "off", 0.995, 10, 100,
+        2000, 2, 100, 100_000, 10_000, 5, "embedded")
+    assert (d.model.embedding_dim, d.model.hidden_dim, d.model.hidden_layers) == (128, 256, 3)
+    assert d.datasets == ["circle", "dino", "line", "moons"] and d.variants == list(VARIANTS)
+    assert Toy2DConfig.from_name("default") == d
+    tiny = Toy2DConfig.from_name("tiny")
+    assert tiny == TOY2D_PRESETS["tiny"] and tiny is not TOY2D_PRESETS["tiny"]
+    with pytest.raises(ValueError, match="unknown toy2d preset"):
+        Toy2DConfig.from_name("huge")
+    before = dataclasses.asdict(tiny)
+    tiny.validate()
+    assert dataclasses.asdict(tiny) == before  # validate() never changes the config
     s = run_seeds(d, "adaptive", "dino")
     assert s["data"] == run_seeds(d, "baseline", "dino")["data"]  # common random numbers
     assert s["init"] != run_seeds(d, "baseline", "dino")["init"]
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"datasets": ["circle", "cube"]}, "datasets: unknown name 'cube'"),
+    ({"variants": ["baseline", "baseline"]}, "variants: duplicated"),
+    ({"datasets": []}, "datasets: empty"),
+    ({"data.n_train": 10, "train.batch_size": 32}, r"train.batch_size \(32\) must be <= data.n_train"),
+    ({"clip_mode": "global"}, "clip_mode"),
+    ({"kl_k": 300}, "kl_k"),
+    ({"model.hidden_dim": 0}, "model.hidden_dim"),
+    ({"data.datasaurus_path": "x.tsv"}, "data.dino_source"),
+    ({"train.resume": "auto"}, "--resume"),
+    ({"train.out_dir": "elsewhere"}, "--out-dir"),
+    ({"train.lr": -1.0}, "lr"),  # TrainConfig checks its own keys
+])
+def test_config_errors_name_the_key(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        apply_overrides(tiny_config(), overrides)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,7 +386,8 @@ SEED_KEYS = ("training_time", "eval_loss", "inference_time", "kl_divergence")
 
 def test_run_grid_writes_results_and_plots(tmp_path):
     datasets, variants = ["circle", "dino", "line", "moons"], ["baseline", "adaptive"]
-    res = run_grid(datasets, variants, tiny_config(steps=20), tmp_path)
+    cfg = tiny_config(train__steps=20, datasets=datasets, variants=variants)
+    res = run_grid(cfg, tmp_path)
     timing = res["timing"]
     assert timing["grid_runs"] == 8
     assert timing["training_time_per_run"] * 8 == pytest.approx(timing["grid_training_time"])
@@ -348,50 +423,79 @@ def test_run_grid_writes_results_and_plots(tmp_path):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def _parser():
-    from dualdiff.cli_toy2d import register_toy2d_commands
-    parser = argparse.ArgumentParser(prog="dualdiff")
-    register_toy2d_commands(parser.add_subparsers(dest="command", required=True))
-    return parser
-
-
 def test_cli_help(capsys):
     for argv in (["toy2d", "--help"], ["toy2d", "run", "--help"], ["toy2d", "plot", "--help"]):
         with pytest.raises(SystemExit) as e:
-            _parser().parse_args(argv)
+            cli_main(argv)
         assert e.value.code == 0
     out = capsys.readouterr().out
-    for word in ("--datasets", "--variants", "--steps", "--out", "key=value", "run", "plot"):
+    for word in ("--out-dir", "--config", "--resume", "--device", "--show-config", "key=value",
+                 "preset=NAME", "run", "plot"):
         assert word in out
+    for gone in ("--datasets", "--variants", "--steps", "--seed", "--compile", "--out "):
+        assert gone not in out
 
 
-def test_cli_tiny_run_and_replot(tmp_path, capsys):
+def test_cli_show_config_lists_every_key_with_the_value_it_would_run_with(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["toy2d", "run", "--show-config", "preset=tiny", "train.steps=7",
+                  "datasets=circle,dino"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "# Toy2DConfig (preset tiny)" in out
+    assert any(line.startswith("train.steps: int = ") and line.endswith("-> 7")
+               for line in out.splitlines())
+    assert "datasets: list[str] = ['circle', 'dino', 'line', 'moons'] -> ['circle', 'dino']" in out
+    for key in ("model.hidden_dim", "data.n_train", "data.dino_source", "train.lr", "n_samples"):
+        assert f"\n{key}: " in out
+
+
+TINY_ARGS = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in TINY.items()]
+
+
+def test_cli_tiny_run_resume_and_replot(tmp_path, capsys):
     out = tmp_path / "cli"
-    args = _parser().parse_args([
-        "toy2d", "run", "--datasets", "line,moons", "--variants", "fixed,adaptive_deep",
-        "--steps", "6", "--out", str(out), "n_train=300", "batch_size=16", "num_timesteps=10",
-        "n_samples=100", "embedding_dim=16", "hidden_dim=16", "hidden_layers=1",
-        "chunk_steps=3", "progress=false", "save_models=false", "steps=999"])
-    assert args.func(args) == 0
+    argv = ["toy2d", "run", "--out-dir", str(out), *TINY_ARGS, "datasets=line,moons",
+            "variants=fixed,adaptive_deep", "train.steps=6", "data.n_train=300",
+            "train.batch_size=16", "num_timesteps=10", "n_samples=100", "model.hidden_dim=16",
+            "data.chunk_steps=3", "save_models=false"]
+    assert cli_main(argv) == 0
     printed = capsys.readouterr().out
     assert "grid of 4 runs, 6 steps" in printed and "adaptive_deep/moons" in printed
     info = json.loads((out / "fixed" / "line" / "final_info.json").read_text())
     assert info["steps"] == 6 and set(SEED_KEYS) <= set(info)
     assert not (out / "fixed" / "line" / "ema_model.pt").exists()
     # --resume of the finished grid: no training, the same evaluation
-    args = _parser().parse_args([
-        "toy2d", "run", "--datasets", "line,moons", "--variants", "fixed,adaptive_deep",
-        "--steps", "6", "--out", str(out), "--resume", "n_train=300", "batch_size=16",
-        "num_timesteps=10", "n_samples=100", "embedding_dim=16", "hidden_dim=16", "hidden_layers=1",
-        "chunk_steps=3", "progress=false", "save_models=false"])
-    assert args.func(args) == 0
+    assert cli_main([*argv, "--resume"]) == 0
     assert "resumed at step 6" in capsys.readouterr().out
     again = json.loads((out / "fixed" / "line" / "final_info.json").read_text())
     assert again["resumed_from_step"] == 6 and again["kl_divergence"] == info["kl_divergence"]
     (out / "train_loss.png").unlink()
-    args = _parser().parse_args(["toy2d", "plot", "--out", str(out)])
-    assert args.func(args) == 0
+    assert cli_main(["toy2d", "plot", "--out-dir", str(out)]) == 0
     assert (out / "train_loss.png").is_file()
-    with pytest.raises(ValueError, match="unknown name"):
-        a = _parser().parse_args(["toy2d", "run", "--datasets", "cube", "--out", str(out)])
-        a.func(a)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["train.stepz=5"], "unknown config key 'train.stepz'.*Did you mean 'train.steps'"),
+    (["train.steps=many"], "config key 'train.steps': expected int"),
+    (["--config", "{missing}"], "--config: no such file"),
+    (["datasets=circle,cube"], "datasets: unknown name 'cube'"),
+    (["--steps", "5"], "unrecognized arguments: --steps"),
+    (["preset=huge"], "unknown preset 'huge'"),
+    (["data.dino_source=table", "data.datasaurus_path={missing}"], "no Datasaurus Dozen table"),
+])
+def test_cli_user_errors_are_one_line_and_exit_2(tmp_path, capsys, argv, match):
+    import re
+
+    missing = str(tmp_path / "missing.yaml")
+    argv = [a.replace("{missing}", missing) for a in argv]
+    out = tmp_path / "never"
+    try:
+        code = cli_main(["toy2d", "run", "--out-dir", str(out), "preset=tiny", *argv])
+    except SystemExit as e:  # argparse's own errors (cli.main's parser: one line, status 2)
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dualdiff: error:"), err
+    assert re.search(match, lines[0]), lines[0]

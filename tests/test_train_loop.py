@@ -152,11 +152,17 @@ def test_nonfinite_loss_skips_step_and_is_logged(tmp_path):
         snaps.append((rec, before, ema_before))
     for step, (rec, before, ema_before) in enumerate(snaps, 1):
         after = tr.model.state_dict() if step == 6 else snaps[step][1]
+        ema_after = tr.ema_model.state_dict() if step == 6 else snaps[step][2]
         unchanged = all(torch.equal(before[k], after[k]) for k in before)
         assert rec["skipped"] == (1 if step in (3, 5) else 0)
         assert unchanged == (step in (3, 5)), step
+        # the EMA does not absorb a skipped step (gated on the device like the optimizer)
+        assert all(torch.equal(ema_before[k], ema_after[k]) for k in ema_before) == \
+            (step in (3, 5)), step
     assert tr.nonfinite_total == 2 and tr.nonfinite_consecutive == 0
-    assert math.isnan(snaps[2][0]["loss"]) and snaps[2][0]["nonfinite_reason"] == "loss"
+    read = tr.read_record(snaps[2][0])  # records hold device tensors until read back
+    assert math.isnan(read["loss"]) and read["nonfinite_reason"] == "loss"
+    assert read["skipped"] == 1 and read["nonfinite_total"] == 2
     # adam's step count only advanced on the 4 real steps
     st = tr.optimizer.state_dict()["state"][0]["step"]
     assert float(st) == 4
@@ -213,7 +219,7 @@ def test_onecycle_lr_logged_every_step(tmp_path):
 @pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
 def test_warmup_schedules(tmp_path, kind):
     tr = Trainer(_mlp(), mse, _dataset(64), _cfg(tmp_path, steps=12, scheduler=kind, lr=0.2,
-                                                 warmup_steps=4, min_lr_ratio=0.1))
+                                                 warmup_steps=4, min_lr=0.02))
     tr.fit()
     lrs = [r["lr"] for r in tr.history]
     assert lrs[:4] == pytest.approx([0.05, 0.1, 0.15, 0.2])

@@ -13,8 +13,15 @@ from dualdiff.testing import assert_close_lowp, forced_backend, poisoned_empty
 HAS_CUDA = torch.cuda.is_available()
 cuda_only = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
 
-CPU_BACKENDS = ["cpp", "triton", "torch"]  # triton runs in the interpreter on the CPU
+CPU_BACKENDS = ["cpp", "triton", "torch"]  # triton: natively on a GPU, else the CPU interpreter
 GPU_BACKENDS = [pytest.param(b, marks=cuda_only) for b in ("cuda", "triton")]
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"  # conftest sets TRITON_INTERPRET=1 only without a GPU
+
+
+def _dev(backend: str) -> str:
+    """Where a test of ``backend`` runs: triton on the GPU when there is one (the interpreter is
+    off there), else on the CPU under the interpreter; cpp and torch on the CPU."""
+    return TRITON_DEVICE if backend == "triton" else "cpu"
 
 # (image shape, latent): batch 1, 1-D per sample, odd 2-D, 3-D spatial, several Triton programs
 # and grid-stride steps (12288 elements, 5000 latent elements).
@@ -73,7 +80,7 @@ def _check_fp32(backend, shape, latent, recon, reduction, kl_weight=0.37, device
 @pytest.mark.parametrize("recon", ["bce", "mse"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_matches_reference_fp32(backend, shape, latent, recon, reduction):
-    _check_fp32(backend, shape, latent, recon, reduction)
+    _check_fp32(backend, shape, latent, recon, reduction, device=_dev(backend))
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -107,7 +114,7 @@ def _check_lowp(backend, dtype, recon, device):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("recon", ["bce", "mse"])
 def test_low_precision(backend, dtype, recon):
-    _check_lowp(backend, dtype, recon, "cpu")
+    _check_lowp(backend, dtype, recon, _dev(backend))
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -119,8 +126,8 @@ def test_low_precision_gpu(backend, dtype, recon):
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_mixed_image_and_latent_dtypes(backend):
-    logits, x, _, _ = _inputs((2, 3, 8, 8), 5, dtype=torch.bfloat16)
-    _, _, mu, logvar = _inputs((2, 3), 5)
+    logits, x, _, _ = _inputs((2, 3, 8, 8), 5, dtype=torch.bfloat16, device=_dev(backend))
+    _, _, mu, logvar = _inputs((2, 3), 5, device=_dev(backend))
     got, ggot = _run(lambda *a: vae_loss(*a, backend=backend), logits, x, mu, logvar)
     ref, gref = _run(lambda l, t, m, lv: vae_loss_reference(l.float(), t, m, lv), logits, x, mu, logvar)
     torch.testing.assert_close(got[2], ref[2])  # fp32 latents: tight
@@ -133,7 +140,7 @@ def test_mixed_image_and_latent_dtypes(backend):
 def test_upstream_gradients_only_some_outputs(backend):
     """Backpropagating through recon alone must give no gradient to the latents, kl alone none
     to the logits (the unused upstream gradients are zeros, read on the device)."""
-    logits, x, mu, logvar = _inputs((2, 3, 5, 5), 4)
+    logits, x, mu, logvar = _inputs((2, 3, 5, 5), 4, device=_dev(backend))
     _, recon, _ = vae_loss(logits, x, mu, logvar, backend=backend)
     recon.backward()
     assert logits.grad.abs().sum() > 0
@@ -147,7 +154,7 @@ def test_upstream_gradients_only_some_outputs(backend):
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_deterministic(backend):
-    logits, x, mu, logvar = _inputs((4, 3, 21, 23), 300)
+    logits, x, mu, logvar = _inputs((4, 3, 21, 23), 300, device=_dev(backend))
     a = _run(lambda *t: vae_loss(*t, backend=backend), logits, x, mu, logvar)
     b = _run(lambda *t: vae_loss(*t, backend=backend), logits, x, mu, logvar)
     for u, v in zip(a[0] + a[1], b[0] + b[1]):
@@ -156,9 +163,12 @@ def test_deterministic(backend):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_extreme_logits_stay_finite(backend):
-    logits = torch.tensor([[-200.0, -30.0, -1e-3, 0.0, 1e-3, 30.0, 200.0, 88.0]], requires_grad=True)
-    x = torch.tensor([[0.0, 1.0, 0.5, 0.3, 1.0, 0.0, 1.0, 0.25]])
-    mu, logvar = torch.zeros(1, 2, requires_grad=True), torch.zeros(1, 2, requires_grad=True)
+    dev = _dev(backend)
+    logits = torch.tensor([[-200.0, -30.0, -1e-3, 0.0, 1e-3, 30.0, 200.0, 88.0]], device=dev,
+                          requires_grad=True)
+    x = torch.tensor([[0.0, 1.0, 0.5, 0.3, 1.0, 0.0, 1.0, 0.25]], device=dev)
+    mu = torch.zeros(1, 2, device=dev, requires_grad=True)
+    logvar = torch.zeros(1, 2, device=dev, requires_grad=True)
     for recon in ("bce", "mse"):
         got, ggot = _run(lambda *a: vae_loss(*a, recon=recon, reduction="sum", backend=backend),
                          logits, x, mu, logvar)
@@ -171,7 +181,7 @@ def test_extreme_logits_stay_finite(backend):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_bce_matches_torch_bce_with_logits(backend, reduction):
-    logits, x, mu, logvar = _inputs((3, 2, 11, 13), 6)
+    logits, x, mu, logvar = _inputs((3, 2, 11, 13), 6, device=_dev(backend))
     got, ggot = _run(lambda *a: vae_loss(*a, reduction=reduction, backend=backend), logits, x, mu, logvar,
                      weights=(0.0, 1.0, 0.0))
     logits.grad = None
@@ -188,7 +198,7 @@ def test_bce_matches_torch_bce_with_logits(backend, reduction):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_mse_matches_torch_mse_loss(backend, reduction):
-    logits, x, mu, logvar = _inputs((3, 2, 11, 13), 6)
+    logits, x, mu, logvar = _inputs((3, 2, 11, 13), 6, device=_dev(backend))
     got, ggot = _run(lambda *a: vae_loss(*a, recon="mse", reduction=reduction, backend=backend),
                      logits, x, mu, logvar, weights=(0.0, 1.0, 0.0))
     logits.grad = None
@@ -201,8 +211,8 @@ def test_mse_matches_torch_mse_loss(backend, reduction):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_gaussian_kl_matches_torch_distributions(backend, reduction):
-    mu = torch.randn(6, 19, requires_grad=True)
-    logvar = (0.5 * torch.randn(6, 19)).requires_grad_()
+    mu = torch.randn(6, 19, device=_dev(backend), requires_grad=True)
+    logvar = (0.5 * torch.randn(6, 19, device=_dev(backend))).requires_grad_()
     kl = gaussian_kl(mu, logvar, reduction=reduction, backend=backend)
     (2.5 * kl).backward()
     g = (mu.grad.clone(), logvar.grad.clone())
@@ -216,7 +226,7 @@ def test_gaussian_kl_matches_torch_distributions(backend, reduction):
     torch.testing.assert_close(g[0], mu.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g[1], logvar.grad, rtol=1e-5, atol=1e-6)
     # the fused loss reports the same KL, and total = recon + kl_weight * kl
-    logits, x, _, _ = _inputs((6, 4, 3), 19)
+    logits, x, _, _ = _inputs((6, 4, 3), 19, device=_dev(backend))
     total, recon, kl2 = vae_loss(logits, x, mu, logvar, kl_weight=0.25, reduction=reduction, backend=backend)
     torch.testing.assert_close(kl2, kl, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(total, recon + 0.25 * kl2, rtol=1e-6, atol=1e-6)
@@ -274,11 +284,11 @@ def test_forced_unusable_backend_raises():
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_non_contiguous_inputs_work(backend):
-    logits, x, mu, logvar = _inputs((3, 9, 7), 5)
+    logits, x, mu, logvar = _inputs((3, 9, 7), 5, device=_dev(backend))
     lt = logits.detach().transpose(1, 2).requires_grad_()  # [3, 7, 9] view
     xt = x.transpose(1, 2)
-    mu_nc = torch.randn(5, 3).t().requires_grad_()  # [3, 5], non-contiguous leaves
-    lv_nc = torch.randn(5, 3).t().requires_grad_()
+    mu_nc = torch.randn(5, 3, device=_dev(backend)).t().requires_grad_()  # [3, 5], non-contiguous leaves
+    lv_nc = torch.randn(5, 3, device=_dev(backend)).t().requires_grad_()
     assert not lt.is_contiguous() and not xt.is_contiguous() and not mu_nc.is_contiguous()
     got, ggot = _run(lambda *a: vae_loss(*a, backend=backend), lt, xt, mu_nc, lv_nc)
     ref, gref = _run(lambda *a: vae_loss_reference(*a), lt, xt, mu_nc, lv_nc)
@@ -298,7 +308,7 @@ def test_x_gets_no_gradient(backend):
 @pytest.mark.parametrize("backend", ["cpp", "triton", "torch"])
 def test_compile_fullgraph_forward_backward(backend):
     torch._dynamo.reset()
-    logits, x, mu, logvar = _inputs((2, 3, 6, 5), 4)
+    logits, x, mu, logvar = _inputs((2, 3, 6, 5), 4, device=_dev(backend))
 
     def step(l, t, m, lv):
         total, recon, kl = vae_loss(l, t, m, lv, kl_weight=0.5, backend=backend)
@@ -452,9 +462,13 @@ jobs += [(K._vae_bwd_kernel, bwd_sig, {"MSE": m, "HAS_RECON": h, **blocks}, bwd_
 jobs += [(K._vae_fwd_finalize_kernel, fin_sig, {"HAS_RECON": h, "FBLOCK": K.FINAL_BLOCK}, fin_hints)
          for h in (False, True)]
 for fn, sig, consts, hints in jobs:
-    ptx = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=hints),
-                         target=target, options={"num_warps": K.NUM_WARPS}).asm["ptx"]
+    # the launchers' configurations (fixed block sizes, NUM_WARPS; finalize with 4 warps)
+    warps = 4 if fn is K._vae_fwd_finalize_kernel else K.NUM_WARPS
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=hints),
+                       target=target, options={"num_warps": warps})
+    ptx = k.asm["ptx"]
     assert ".entry" in ptx
+    assert k.metadata.shared <= 232448, (fn, consts, k.metadata.shared)  # H100/H200 per-block limit
     if fn is K._vae_fwd_partials_kernel:  # bf16 images: 8 elements per 16-byte load
         assert "ld.global.v4" in ptx, (fn, consts)
     if fn is K._vae_bwd_kernel and consts["HAS_RECON"]:  # fp32 images and gradient
@@ -466,7 +480,8 @@ print("compiled", len(jobs))
 def test_triton_kernels_compile_for_sm90_without_a_gpu(tmp_path):
     """The interpreter accepts code that the Triton compiler rejects (e.g. a value whose shape
     differs between the branches of a runtime `if`): compile every kernel for sm_90, in a fresh
-    process without TRITON_INTERPRET, and check the image loads are 16-byte vector loads."""
+    process without TRITON_INTERPRET, check the image loads are 16-byte vector loads and the
+    shared memory is within the H100/H200 limit (232,448 B per block)."""
     import os
     import subprocess
     import sys
@@ -477,3 +492,69 @@ def test_triton_kernels_compile_for_sm90_without_a_gpu(tmp_path):
                           text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "compiled 8" in proc.stdout
+
+
+# ------------------------------------------------------------------------ grids and devices
+GRID_X, GRID_YZ = 2**31 - 1, 65535
+
+
+@pytest.mark.parametrize("n,m", [(1, 1), (5, 3), (2**31 + 7, 2**20), (2**40, 2**31 + 1), (0, 2**33)])
+def test_triton_grids_within_limits_at_extreme_shapes(n, m):
+    from dualdiff.kernels import vae as K
+
+    for cap in (4, 528, K.MAX_PARTIALS):
+        p_r, p_k = K.forward_grid(n, m, cap)
+        assert 0 <= p_r <= cap and 1 <= p_k <= cap and p_r + p_k <= GRID_X
+        iters = -(-(-(-n // K.RECON_BLOCK)) // max(p_r, 1))  # the launcher's recon_iters
+        assert p_r * iters * K.RECON_BLOCK >= n               # the grid-stride loop covers all
+        assert (p_r == 0) == (n == 0)
+    g_r, g_k = K.backward_grid(n, m)
+    assert g_r + g_k <= GRID_X
+    assert g_r * K.RECON_BLOCK >= n and g_k * K.LATENT_BLOCK >= m
+
+
+def test_grids_past_the_limit_raise():
+    from dualdiff.kernels import vae as K
+
+    with pytest.raises(ValueError, match="grid limit"):
+        K.backward_grid(K.RECON_BLOCK * 2**31, 1)
+    with pytest.raises(ValueError, match="grid limit"):
+        V.cuda_backward_blocks(2**44, 1, 2)
+
+
+@pytest.mark.parametrize("n,m", [(1, 1), (2**31 + 7, 2**20), (2**40, 2**31 + 1), (0, 2**33)])
+@pytest.mark.parametrize("element_size", [4, 2])
+def test_cuda_grids_within_limits_at_extreme_shapes(n, m, element_size):
+    for sms in (1, 132):
+        p_r, p_k = V.cuda_forward_blocks(n, m, sms)
+        assert 0 <= p_r <= 4 * sms and 1 <= p_k <= 4 * sms
+    g_r, g_k = V.cuda_backward_blocks(n, m, element_size)
+    assert g_r + g_k <= GRID_X
+    assert g_r * V.CUDA_THREADS * (16 // element_size) >= n and g_k * V.CUDA_THREADS >= m
+
+
+TWO_GPUS = [pytest.mark.cuda,
+            pytest.mark.skipif(not HAS_CUDA or torch.cuda.device_count() < 2, reason="needs 2 GPUs")]
+
+
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=TWO_GPUS) for b in ("cuda", "triton")])
+def test_runs_on_the_tensors_device_and_its_stream(backend):
+    """Tensors on cuda:1 while cuda:0 is current: the launches go to cuda:1, on cuda:1's current
+    stream (a side stream here), and the current device is unchanged afterwards."""
+    assert torch.cuda.current_device() == 0
+    dev = torch.device("cuda", 1)
+    logits, x, mu, logvar = _inputs((3, 3, 17, 9), 40, device=dev)
+    ref, gref = _run(lambda *a: vae_loss_reference(*a, 0.5), logits, x, mu, logvar)
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        got, ggot = _run(lambda *a: vae_loss(*a, kl_weight=0.5, backend=backend), logits, x, mu, logvar)
+        kl = gaussian_kl(mu, logvar, backend=backend)
+    torch.cuda.current_stream(dev).wait_stream(side)
+    assert torch.cuda.current_device() == 0
+    for a, b in zip(got, ref):
+        assert a.device == dev
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-5)
+    for a, b in zip(ggot, gref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6 * b.abs().max().item())
+    torch.testing.assert_close(kl, ref[2], rtol=1e-5, atol=1e-5)

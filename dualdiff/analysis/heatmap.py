@@ -187,6 +187,8 @@ class HeatmapResult:
         p = Path(path)
         if p.suffix not in (".pt", ".json"):
             p = p.with_suffix(".pt") if p.with_suffix(".pt").exists() else p.with_suffix(".json")
+        if not p.is_file():
+            raise FileNotFoundError(f"no heatmap file {str(p)!r} (write one with `dualdiff lift heatmap`)")
         if p.suffix == ".pt":
             d = torch.load(p, map_location="cpu", weights_only=True)
         else:

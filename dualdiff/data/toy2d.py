@@ -27,16 +27,20 @@ The template's default size is ``n = 8000``; its training runs use ``n = 100_000
 same tensor in a ``TensorDataset``; wrap it yourself with ``TensorDataset(x)`` if you want that):
 the training loop samples batches from the tensor directly on the device.
 
-The dino set needs the Datasaurus Dozen table (Matejka & Fitzmaurice 2017, as published in
-tiny-diffusion's ``static/DatasaurusDozen.tsv``). :func:`datasaurus_path` finds it: an explicit
-path, else the cache (``$DUALDIFF_CACHE`` or ``~/.cache/dualdiff``), else a download from
-:data:`DATASAURUS_URL` into the cache. Every file used is checked against
-:data:`DATASAURUS_SHA256`.
+The dino set's 142 points ship with the package (``datasaurus_dino.tsv``, the ``dino`` rows of
+the Datasaurus Dozen, Matejka & Fitzmaurice 2017, published under MIT by the R package
+datasauRus: see ``datasaurus_dino.LICENSE.md`` beside it), so the default needs no network:
+:func:`embedded_dino_points` reads them and checks :data:`DINO_SHA256`. ``source="table"`` reads
+them from the full Datasaurus Dozen table instead (tiny-diffusion's ``static/DatasaurusDozen.tsv``,
+the same values): :func:`datasaurus_path` finds it (an explicit path, else the cache
+``$DUALDIFF_CACHE`` or ``~/.cache/dualdiff``, else a download from :data:`DATASAURUS_URL` into the
+cache), and every file used is checked against :data:`DATASAURUS_SHA256`.
 """
 from __future__ import annotations
 
 import csv
 import hashlib
+import importlib.resources
 import os
 import tempfile
 import urllib.error
@@ -50,7 +54,10 @@ __all__ = [
     "DATASETS",
     "DATASAURUS_URL",
     "DATASAURUS_SHA256",
+    "DINO_SHA256",
+    "DINO_SOURCES",
     "DatasaurusUnavailableError",
+    "embedded_dino_points",
     "cache_dir",
     "datasaurus_path",
     "load_datasaurus",
@@ -68,6 +75,9 @@ DATASAURUS_URL = (
 )
 DATASAURUS_SHA256 = "c8c4792c3ed15238ba07dad6ab778adc79d72e3e1324ead4d8c1ae52849780f8"
 _DATASAURUS_NAME = "DatasaurusDozen.tsv"
+DINO_FILE = "datasaurus_dino.tsv"  # package data: the table's 142 dino rows, columns x, y
+DINO_SHA256 = "da28cdadc746dff4a19aa5dd382c25b11f14543d65bd078a95c8d79c35036642"
+DINO_SOURCES = ("embedded", "table")
 
 
 class DatasaurusUnavailableError(FileNotFoundError):
@@ -179,6 +189,23 @@ def load_datasaurus(name: str = "dino", path: str | os.PathLike | None = None, *
     return np.asarray(rows, dtype=np.float64)
 
 
+def embedded_dino_points() -> np.ndarray:
+    """The Datasaurus dino shipped with the package: float64 ``[142, 2]`` (x, y), file order.
+
+    The same numbers as the ``dino`` rows of the full table (``load_datasaurus("dino")``); the
+    file is checked against :data:`DINO_SHA256`.
+    """
+    raw = importlib.resources.files("dualdiff.data").joinpath(DINO_FILE).read_bytes()
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != DINO_SHA256:
+        raise ValueError(f"the package's {DINO_FILE} is damaged (sha256 {digest}, expected "
+                         f"{DINO_SHA256}); reinstall dualdiff")
+    reader = csv.reader(raw.decode("ascii").splitlines(), delimiter="\t")
+    if next(reader) != ["x", "y"]:  # pragma: no cover - guarded by the checksum
+        raise ValueError(f"{DINO_FILE}: unexpected header")
+    return np.asarray([(float(x), float(y)) for x, y in reader], dtype=np.float64)
+
+
 # ---------------------------------------------------------------------------------------------
 # generators (the template's, draw for draw)
 # ---------------------------------------------------------------------------------------------
@@ -233,14 +260,26 @@ def circle_dataset(n: int = 8000, seed: int = 42) -> torch.Tensor:
 
 
 def dino_dataset(
-    n: int = 8000, seed: int = 42, path: str | os.PathLike | None = None, **kw
+    n: int = 8000, seed: int = 42, source: str = "embedded",
+    path: str | os.PathLike | None = None, **kw
 ) -> torch.Tensor:
     """The Datasaurus dino resampled ``n`` times with N(0, 0.15^2) jitter, rescaled to about [-4, 4].
 
-    ``path`` / ``**kw``: where the table is, see :func:`datasaurus_path`.
+    ``source``: ``"embedded"`` (the 142 points shipped with the package, no file options) or
+    ``"table"`` (the full Datasaurus Dozen table; ``path`` / ``**kw`` as in
+    :func:`datasaurus_path`). Both give the same points.
     """
     n = _check_n(n)
-    pts = load_datasaurus("dino", path, **kw)
+    if source == "embedded":
+        extra = (["path"] if path is not None else []) + sorted(kw)
+        if extra:
+            raise ValueError(f"{extra[0]}: the embedded dino points take no file options; "
+                             "pass source='table' to read the Datasaurus Dozen table")
+        pts = embedded_dino_points()
+    elif source == "table":
+        pts = load_datasaurus("dino", path, **kw)
+    else:
+        raise ValueError(f"source: must be one of {', '.join(DINO_SOURCES)}, got {source!r}")
     rng = np.random.default_rng(seed)
     ix = rng.integers(0, len(pts), n)
     # same draw order as the template: indices, x jitter, y jitter
@@ -257,23 +296,21 @@ _GENERATORS = {
 }
 
 
-def get_dataset(
-    name: str, n: int = 8000, *, seed: int = 42, path: str | os.PathLike | None = None, **kw
-) -> torch.Tensor:
+def get_dataset(name: str, n: int = 8000, *, seed: int = 42, **dino_kw) -> torch.Tensor:
     """Generate toy set ``name`` (one of :data:`DATASETS`) as a float32 CPU tensor ``[n, 2]``.
 
     ``n`` defaults to the template's 8000 (its training runs use 100 000). ``seed`` is the
-    template's fixed 42 by default (for moons it is scikit-learn's ``random_state``). ``path`` and
-    ``**kw`` (``download``, ``url``, ``timeout``) only apply to ``dino``: see
-    :func:`datasaurus_path`. The same arguments always give the same points.
+    template's fixed 42 by default (for moons it is scikit-learn's ``random_state``).
+    ``**dino_kw`` (``source``, ``path``, ``download``, ``url``, ``timeout``) only apply to
+    ``dino``: see :func:`dino_dataset`. The same arguments always give the same points.
     """
     if not isinstance(name, str):
         raise TypeError(f"name: expected a str, got {type(name).__name__}")
     if name not in _GENERATORS:
         raise ValueError(f"name: unknown toy dataset {name!r}; choose from {', '.join(DATASETS)}")
     if name == "dino":
-        return dino_dataset(n, seed=seed, path=path, **kw)
-    extra = (["path"] if path is not None else []) + sorted(kw)
-    if extra:
-        raise ValueError(f"{extra[0]}: only the dino dataset takes file options, not {name!r}")
+        return dino_dataset(n, seed=seed, **dino_kw)
+    if dino_kw:
+        raise ValueError(f"{sorted(dino_kw)[0]}: only the dino dataset takes these options, "
+                         f"not {name!r}")
     return _GENERATORS[name](n, seed=seed)

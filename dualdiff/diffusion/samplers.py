@@ -15,6 +15,11 @@ Structures: ``x_T`` may be a tensor or a tuple of tensors (e.g. the 64x64 and 32
 dual-scale model), with ``timesteps`` a matching tensor or tuple; ``model_fn(x, t)`` receives
 and returns the same structure. Timestep sequences are [S] (shared by the batch) or [S, B]
 (one column per sample).
+
+Random draws: the DDPM functions take ``generator`` as one ``torch.Generator`` or a list of
+them. With a list of G generators the batch is G equal chunks and chunk g's noise comes from
+``generator[g]`` (e.g. one generator per stacked model or per run, so each run's samples do not
+depend on what else is sampled beside it); :func:`randn_chunks` draws x_T the same way.
 """
 from __future__ import annotations
 
@@ -30,23 +35,33 @@ __all__ = [
     "cfg_combine",
     "cfg_model_fn",
     "ddim_sample",
+    "lucidrains_timesteps",
     "ddpm_sample",
     "ddpm_step",
     "q_posterior",
+    "randn_chunks",
     "SampleOutput",
 ]
+
 
 
 # --------------------------------------------------------------------------- guidance
 
 
-def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, scale: float, rescale_phi: float = 0.0) -> torch.Tensor:
+def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, scale: float, rescale_phi: float = 0.0, *,
+                remove_parallel: bool = False, keep_parallel_frac: float = 0.0) -> torch.Tensor:
     """Classifier-free guidance: ``uncond + scale * (cond - uncond)``.
 
     ``scale`` is a float or a tensor broadcastable to the outputs (e.g. [B, 1, 1, 1]); scale=1
     gives ``cond``, 0 gives ``uncond``. ``rescale_phi`` > 0 blends in the std-rescaled result of
     Lin et al. 2023 (as lucidrains' ``rescaled_phi``): rescaled = g · std(cond)/std(g) per
     sample, out = phi · rescaled + (1 - phi) · g.
+
+    ``remove_parallel`` (lucidrains' default since 2024, Sadat et al. 2024 "APG"): per sample,
+    split the update u = cond - uncond into its component parallel to ``cond`` (flattened,
+    computed in float64), u_par = (u·ĉ) ĉ with ĉ = cond/|cond|, and the rest u_orth; the
+    guided output is ``cond + (scale - 1) · (u_orth + keep_parallel_frac · u_par)`` (then the
+    rescale as above). Without removal that is the classic formula.
     """
     for name, v in (("uncond", uncond), ("cond", cond)):
         if not isinstance(v, torch.Tensor):
@@ -55,7 +70,16 @@ def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, scale: float, rescale_
         raise ValueError(f"cond shape {tuple(cond.shape)} does not match uncond shape {tuple(uncond.shape)}")
     if not 0.0 <= rescale_phi <= 1.0:
         raise ValueError(f"rescale_phi must be in [0, 1], got {rescale_phi}")
-    guided = uncond + scale * (cond - uncond)
+    if not 0.0 <= keep_parallel_frac <= 1.0:
+        raise ValueError(f"keep_parallel_frac must be in [0, 1], got {keep_parallel_frac}")
+    if remove_parallel:
+        update = (cond - uncond).flatten(1).double()
+        unit = torch.nn.functional.normalize(cond.flatten(1).double(), dim=1)
+        parallel = (update * unit).sum(dim=1, keepdim=True) * unit
+        update = (update - parallel) + keep_parallel_frac * parallel
+        guided = cond + (scale - 1.0) * update.reshape(cond.shape).to(cond.dtype)
+    else:
+        guided = uncond + scale * (cond - uncond)
     if rescale_phi == 0.0:
         return guided
     dims = tuple(range(1, cond.dim()))
@@ -64,18 +88,31 @@ def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, scale: float, rescale_
 
 
 def cfg_model_fn(
-    cond_fn: Callable, uncond_fn: Callable, scale: float, rescale_phi: float = 0.0
+    cond_fn: Callable, uncond_fn: Callable, scale: float, rescale_phi: float = 0.0, *,
+    remove_parallel: bool = False, keep_parallel_frac: float = 0.0,
 ) -> Callable:
-    """A ``model_fn(x, t)`` returning ``cfg_combine(uncond_fn(x, t), cond_fn(x, t), scale)``
+    """A ``model_fn(x, t)`` returning ``cfg_combine(uncond_fn(x, t), cond_fn(x, t), scale, ...)``
     (tuple outputs are combined element by element)."""
+    kw = dict(remove_parallel=remove_parallel, keep_parallel_frac=keep_parallel_frac)
 
     def fn(x, t):
         c, u = cond_fn(x, t), uncond_fn(x, t)
         if isinstance(c, (tuple, list)):
-            return type(c)(cfg_combine(ui, ci, scale, rescale_phi) for ui, ci in zip(u, c))
-        return cfg_combine(u, c, scale, rescale_phi)
+            return type(c)(cfg_combine(ui, ci, scale, rescale_phi, **kw) for ui, ci in zip(u, c))
+        return cfg_combine(u, c, scale, rescale_phi, **kw)
 
     return fn
+
+
+def lucidrains_timesteps(sampling_timesteps: int, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """Descending int64 DDIM timesteps as lucidrains' ``ddim_sample`` builds them:
+    ``linspace(-1, T-1, S+1)`` truncated to int, reversed, without the final -1 (the step after
+    the last entry goes to the clean sample, t_prev = -1). S=T gives T-1, ..., 0."""
+    S, T = int(sampling_timesteps), int(num_train_timesteps)
+    if not 1 <= S <= T:
+        raise ValueError(f"sampling_timesteps must be in [1, num_train_timesteps={T}], got {sampling_timesteps}")
+    times = torch.linspace(-1, T - 1, S + 1, dtype=torch.float64).int().long().flip(0)
+    return times[:-1].contiguous()
 
 
 # --------------------------------------------------------------------------- helpers
@@ -193,6 +230,37 @@ def ddim_sample(
 # --------------------------------------------------------------------------- DDPM
 
 
+def randn_chunks(shape: Sequence[int], generator: torch.Generator | Sequence[torch.Generator] | None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Standard normal tensor of ``shape`` on ``device`` from one generator or one per chunk.
+
+    ``generator``: None (the global RNG), a ``torch.Generator`` (drawn on its own device, then
+    moved), or a non-empty list of G generators: ``shape[0]`` must be divisible by G and rows
+    ``g*shape[0]/G .. (g+1)*shape[0]/G - 1`` come from ``generator[g]`` (``torch.cat`` of the
+    chunks, each drawn as ``torch.randn((shape[0]/G, *shape[1:]), generator=generator[g])``).
+    """
+    shape = tuple(int(s) for s in shape)
+    device = torch.device(device) if device is not None else None
+    if generator is None or isinstance(generator, torch.Generator):
+        gen_device = generator.device if generator is not None else device
+        out = torch.randn(shape, generator=generator, device=gen_device, dtype=dtype)
+        return out if device is None else out.to(device)
+    if isinstance(generator, (str, bytes)) or not isinstance(generator, Sequence):
+        raise TypeError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}")
+    gens = list(generator)
+    if not gens or not all(isinstance(g, torch.Generator) for g in gens):
+        raise TypeError("generator: a list of generators must be non-empty and hold only torch.Generator")
+    if not shape or shape[0] % len(gens):
+        raise ValueError(f"generator: {len(gens)} generators need a batch size divisible by {len(gens)}, "
+                         f"got shape {shape}")
+    chunk = (shape[0] // len(gens), *shape[1:])
+    parts = [torch.randn(chunk, generator=g, device=g.device, dtype=dtype) for g in gens]
+    if device is not None:
+        parts = [p.to(device) for p in parts]
+    return torch.cat(parts)
+
+
+
 def q_posterior(
     x0: torch.Tensor, x_t: torch.Tensor, t, schedule: NoiseSchedule, t_prev=None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -238,13 +306,15 @@ def ddpm_step(
     variance_type: str = "fixed_small",
     clip_sample: bool = False,
     clip_range: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     variance_noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One ancestral step x_t -> x_{t_prev} ~ N(posterior mean, variance); per-sample t, t_prev.
 
     ``t_prev`` defaults to t - 1. Samples whose t_prev < 0 get no noise. ``variance_type``:
-    "fixed_small" (posterior variance) or "fixed_large" (β_cur). Returns (x_prev, pred_x0).
+    "fixed_small" (posterior variance) or "fixed_large" (β_cur). ``generator``: one generator
+    or one per equal batch chunk (:func:`randn_chunks`); no draw is made when no sample gets
+    noise. Returns (x_prev, pred_x0).
     """
     if variance_type not in ("fixed_small", "fixed_large"):
         raise ValueError(f"variance_type must be 'fixed_small' or 'fixed_large', got {variance_type!r}")
@@ -276,8 +346,7 @@ def ddpm_step(
     noisy = (t_prev >= 0).reshape(var.shape)
     if bool(noisy.any()) or variance_noise is not None:
         if variance_noise is None:
-            gen_device = generator.device if generator is not None else x_t.device
-            variance_noise = torch.randn(x_t.shape, generator=generator, device=gen_device, dtype=x_t.dtype)
+            variance_noise = randn_chunks(x_t.shape, generator, x_t.device, x_t.dtype)
         ct = var.dtype
         std = torch.where(noisy, var.sqrt(), torch.zeros_like(var))
         mean = (mean.to(ct) + std * variance_noise.to(device=x_t.device, dtype=ct)).to(x_t.dtype)
@@ -295,14 +364,17 @@ def ddpm_sample(
     variance_type: str = "fixed_small",
     clip_sample: bool = False,
     clip_range: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     progress: bool = False,
     return_trajectory: bool = False,
 ) -> SampleOutput:
     """DDPM ancestral sampling from ``x_T``.
 
     ``timesteps``: descending [S] or per-sample [S, B] sequence (default T-1, ..., 0, the full
-    chain); step k goes to ``timesteps[k+1]`` (the last to the clean sample).
+    chain); step k goes to ``timesteps[k+1]`` (the last to the clean sample). ``generator``:
+    one ``torch.Generator`` or a list of G (the batch is G equal chunks, chunk g's step noise
+    comes from ``generator[g]``: :func:`randn_chunks`); draw x_T with :func:`randn_chunks` and
+    the same generators to make every chunk's samples depend on its generator only.
     """
     if not isinstance(x_T, torch.Tensor):
         raise TypeError(f"x_T must be a torch.Tensor, got {type(x_T).__name__}")

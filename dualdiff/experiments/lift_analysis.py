@@ -1,23 +1,35 @@
 """LIFT analysis pipeline: heatmap -> paths -> plots -> generation -> MSE tests -> FID, and the demo.
 
 Each step is a function taking a checkpoint / heatmap / output folder and an
-:class:`LIFTAnalysisConfig` (YAML or ``key=value`` overridable), writing its files into the
-output folder and returning what it computed. ``dualdiff lift ...`` (dualdiff/cli_lift.py)
-calls them. Files written in ``out_dir``:
+:class:`LIFTAnalysisConfig` (presets :data:`LIFT_ANALYSIS_PRESETS`; YAML or ``key=value``
+overridable), writing its files into the output folder and returning what it computed.
+``dualdiff lift ...`` (dualdiff/cli_lift.py) calls them. Reading order:
+
+* config: :class:`LIFTAnalysisConfig`, :class:`LIFTDemoConfig` (the demo = a LIFT training config
+  + an analysis config + one device);
+* steps: :func:`run_heatmap`, :func:`run_paths`, :func:`run_plot` (reads ``paths.json``),
+  :func:`run_generate`, :func:`run_generate_for_fid`, :func:`run_mse`, :func:`run_fid`;
+* the whole pipeline on the embedded data: :func:`run_demo`.
+
+Files written in ``out_dir``:
 
 * ``heatmap.pt`` / ``heatmap.json`` (:class:`dualdiff.analysis.heatmap.HeatmapResult`);
   under torchrun each rank writes ``heatmap_shard{r}of{w}.pt`` and rank 0 merges;
 * ``paths.json`` (grid paths: seed DP total / 64, greedy, fixed-step total / 64) and
   ``path_<kind>.json`` (:class:`dualdiff.analysis.generate.GenerationPath` per kind);
 * ``heatmap.png`` (paths overlaid), ``mse.png``, ``samples.png``, ``samples_<kind>.png``;
+  the demo adds ``training_images.png`` and ``data_vs_samples.png`` (training images beside
+  the samples of every path);
 * ``mse.json``; ``fid.json``; ``fid_<kind>/*.png`` and ``real/*.png`` for FID.
 """
 from __future__ import annotations
 
+import copy
+import datetime
 import json
-import os
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -26,12 +38,20 @@ import torch
 
 from dualdiff.analysis.generate import GenerationPath, generate, generate_for_fid, make_path, save_image_grid, save_pngs
 from dualdiff.analysis.heatmap import HeatmapResult, compute_error_heatmap, merge_heatmap_shards, shard_path
-from dualdiff.analysis.paths import fixed_step_path, greedy_path, seed_dp_path
+from dualdiff.analysis.paths import GridPath, fixed_step_path, greedy_path, seed_dp_path
+from dualdiff.config import ConfigError
+from dualdiff.experiments.lift import LIFTConfig, build_lift_dataset, build_lift_schedule, load_lift_model
 from dualdiff.metrics.mse_tests import format_mse_table, run_mse_tests, save_mse_results
+from dualdiff.train.distributed import (barrier, cleanup_distributed, default_device, get_rank, get_world_size,
+                                        init_distributed, is_distributed)
 
 __all__ = [
     "LIFTAnalysisConfig",
+    "LIFT_ANALYSIS_PRESETS",
+    "LIFTDemoConfig",
+    "LIFT_DEMO_PRESETS",
     "load_analysis_model",
+    "load_grid_paths",
     "real_images",
     "run_demo",
     "run_fid",
@@ -54,10 +74,14 @@ class LIFTAnalysisConfig:
     ``heatmap_amp`` off / bf16 (autocast of the model) and ``heatmap_compile`` (torch.compile the
     batched jvp).
     Paths: ``num_steps`` sampling points (diagonal / seed DP), ``fixed_steps`` moves and
-    ``max_jump`` of the fixed-step DP, ``paths`` the kinds generated and compared.
-    Generation: ``num_images`` for FID, ``batch_size``, ``eta``, ``clip_sample``, ``grid_images``.
-    MSE: ``mse_timestep``, ``mse_samples``. FID: ``fid_dims``, ``inception_weights``,
-    ``fid_cache_dir``. ``device``: auto | cpu | cuda[:k]; ``ema``: use the EMA weights.
+    ``max_jump`` of the fixed-step DP (a fixed-step path samples with fixed_steps + 1 points),
+    ``paths`` the kinds generated and compared (a kind or a ``path_*.json`` file).
+    Generation: ``num_images`` for FID, ``batch_size``, ``eta``, ``clip_sample``, ``grid_images``;
+    ``fid_path``: the path kind (or ``path_*.json``) of ``generate-for-fid``.
+    MSE: ``mse_timestep``, ``mse_samples``. FID: ``fid_dims``, ``inception_weights`` (a local
+    ``pt_inception-2015-12-05-6726825d.pth``), ``fid_cache_dir``, ``fid_download`` (let
+    pytorch-fid download the weights when there is no local copy).
+    ``device``: auto | cpu | cuda[:k]; ``ema``: use the EMA weights.
     """
     num_points: int = 15
     gamma_min: float = 0.01
@@ -80,118 +104,163 @@ class LIFTAnalysisConfig:
     eta: float = 0.0
     clip_sample: bool = True
     grid_images: int = 16
+    fid_path: str = "diagonal"
     mse_timestep: int = 500
     mse_samples: int = 500
     fid_dims: int = 2048
     inception_weights: str | None = None
     fid_cache_dir: str | None = None
+    fid_download: bool = True
     device: str = "auto"
     ema: bool = True
 
     def validate(self) -> None:
+        """Raise :class:`dualdiff.config.ConfigError` naming the bad key; never rewrites one."""
         if self.num_points < 2:
-            raise ValueError(f"num_points must be >= 2, got {self.num_points}")
+            raise ConfigError(f"num_points must be >= 2, got {self.num_points}")
         if not 0 < self.gamma_min < self.gamma_max:
-            raise ValueError(f"need 0 < gamma_min < gamma_max, got {self.gamma_min}, {self.gamma_max}")
+            raise ConfigError(f"need 0 < gamma_min < gamma_max, got {self.gamma_min}, {self.gamma_max}")
         if self.cells_per_batch is not None and self.cells_per_batch < 1:
-            raise ValueError(f"cells_per_batch must be >= 1 or None, got {self.cells_per_batch}")
+            raise ConfigError(f"cells_per_batch must be >= 1 or None, got {self.cells_per_batch}")
         for k in ("heatmap_samples", "probes", "num_steps", "fixed_steps", "max_jump",
                   "num_images", "batch_size", "grid_images", "mse_samples"):
             if getattr(self, k) < 1:
-                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+                raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if not self.eta >= 0:
+            raise ConfigError(f"eta must be >= 0, got {self.eta}")
 
     @classmethod
-    def tiny(cls) -> "LIFTAnalysisConfig":
-        """The demo's CPU-sized analysis."""
-        # eta = 1 (stochastic DDIM): the demo's briefly trained model has ε errors at high noise that
-        # deterministic DDIM (eta = 0) carries to the end as per-pixel noise; the added noise
-        # lets later steps correct them. Override with eta=0 for the seed's sampler.
-        return cls(num_points=6, heatmap_samples=4, probes=2, num_steps=12, fixed_steps=8,
-                   max_jump=3, num_images=64, batch_size=32, grid_images=8, mse_samples=64, eta=1.0,
-                   paths=["diagonal", "dp_total", "dp_64", "fixed_total"])
+    def from_name(cls, name: str) -> "LIFTAnalysisConfig":
+        """A fresh copy of the preset ``name`` of :data:`LIFT_ANALYSIS_PRESETS` (``tiny`` | ``default``)."""
+        return _from_presets(LIFT_ANALYSIS_PRESETS, name, "LIFT analysis")
+
+
+def _from_presets(presets: dict, name: str, what: str):
+    if name not in presets:
+        raise ConfigError(f"unknown {what} preset {name!r}; choose one of: {', '.join(presets)}")
+    return presets[name]()
+
+
+def _analysis_tiny() -> LIFTAnalysisConfig:
+    """The demo's CPU-sized analysis: a 6x6 heatmap, 50 sampling steps on the diagonal and seed-DP
+    paths (the fixed-step path has fixed_steps + 1 = 9), eta = 1.
+
+    eta = 1 (stochastic DDIM): the demo's briefly trained model has ε errors at high noise that
+    deterministic DDIM (eta = 0) carries to the end as per-pixel noise (measured: 50 steps at
+    eta 0 gave pure noise where eta 1 gave colour blobs); the added noise lets later steps
+    correct them. Override with eta=0 for the seed's sampler."""
+    return LIFTAnalysisConfig(num_points=6, heatmap_samples=4, probes=2, num_steps=50, fixed_steps=8,
+                              max_jump=3, num_images=64, batch_size=32, grid_images=8, mse_samples=64,
+                              eta=1.0, paths=["diagonal", "dp_total", "dp_64", "fixed_total"])
+
+
+#: name -> zero-argument function building a fresh config (``preset=NAME`` on the command line)
+LIFT_ANALYSIS_PRESETS: dict[str, Callable[[], LIFTAnalysisConfig]] = {
+    "tiny": _analysis_tiny, "default": LIFTAnalysisConfig}
+
+
+@dataclass
+class LIFTDemoConfig:
+    """``dualdiff lift demo``: a LIFT training config (``lift.*``), an analysis config
+    (``analysis.*``) and the one ``device`` both run on (``lift.train.device`` and
+    ``analysis.device`` stay ``auto``: a second device key would conflict)."""
+    lift: LIFTConfig = field(default_factory=lambda: LIFTConfig.from_name("tiny"))
+    analysis: LIFTAnalysisConfig = field(default_factory=_analysis_tiny)
+    device: str = "auto"
+
+    def validate(self) -> None:
+        """Raise :class:`dualdiff.config.ConfigError` naming the conflicting keys."""
+        for key, value in (("lift.train.device", self.lift.train.device), ("analysis.device", self.analysis.device)):
+            if value != "auto":
+                raise ConfigError(f"{key}={value!r} conflicts with the demo's device key: set device={value} "
+                                  "(or --device) instead")
+
+    @classmethod
+    def from_name(cls, name: str) -> "LIFTDemoConfig":
+        """A fresh copy of the preset ``name`` of :data:`LIFT_DEMO_PRESETS` (``tiny`` | ``default``)."""
+        return _from_presets(LIFT_DEMO_PRESETS, name, "LIFT demo")
+
+
+def _demo_default() -> LIFTDemoConfig:
+    return LIFTDemoConfig(lift=LIFTConfig(), analysis=LIFTAnalysisConfig())
+
+
+#: ``tiny``: the README's CPU demo; ``default``: the experiment's sizes on the procedural data
+LIFT_DEMO_PRESETS: dict[str, Callable[[], LIFTDemoConfig]] = {"tiny": LIFTDemoConfig, "default": _demo_default}
 
 
 def _device(cfg: LIFTAnalysisConfig) -> torch.device:
-    if cfg.device == "auto":
-        if torch.cuda.is_available():
-            rank = int(os.environ.get("LOCAL_RANK", "0"))
-            return torch.device(f"cuda:{rank}")
-        return torch.device("cpu")
-    return torch.device(cfg.device)
+    return default_device(cfg.device)
 
 
 def load_analysis_model(checkpoint, cfg: LIFTAnalysisConfig):
     """``(model, lift_config, schedule)`` from a train_lift checkpoint, on cfg's device, eval mode."""
-    from dualdiff.experiments.lift import build_lift_schedule, load_lift_model
-
     model, lcfg = load_lift_model(checkpoint, ema=cfg.ema, map_location="cpu")
     if getattr(lcfg, "model_kind", "dual") != "dual":
-        raise ValueError("the LIFT analysis needs a dual-scale model (model_kind='dual'), "
-                         f"got {lcfg.model_kind!r}")
+        raise ConfigError("the LIFT analysis needs a dual-scale model (model_kind='dual'), "
+                          f"got {lcfg.model_kind!r}")
     return model.to(_device(cfg)).eval(), lcfg, build_lift_schedule(lcfg)
 
 
-def real_images(lift_cfg, n: int, seed: int = 0) -> torch.Tensor:
+def real_images(lift_cfg: LIFTConfig, n: int, seed: int = 0) -> torch.Tensor:
     """``n`` images [n, 3, 64, 64] in [-1, 1] from the run's data (a seeded random subset)."""
-    from dualdiff.experiments.lift import build_lift_dataset
-
     data = build_lift_dataset(lift_cfg.data)
     if n > len(data):
-        raise ValueError(f"asked for {n} real images but the dataset has {len(data)}")
+        raise ConfigError(f"asked for {n} real images but the dataset has {len(data)}")
     idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
     items = [data[int(i)] for i in idx]
     items = [it[0] if isinstance(it, (tuple, list)) else it for it in items]
     return torch.stack(items).float()
 
 
-def _dist():
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    return rank, world
+# --------------------------------------------------------------------------------------------
+# heatmap, paths, plots
 
 
 def run_heatmap(checkpoint, out_dir, cfg: LIFTAnalysisConfig, *, progress: bool = True) -> HeatmapResult | None:
     """Compute and save the heatmap. Progress is kept in ``heatmap_partial*.pt`` (every minute and
     on an error): running the same command again after a crash computes only the missing cells.
-    Under torchrun (WORLD_SIZE > 1) cells are split across ranks,
-    each rank writes its shard and rank 0 merges after a barrier (or, without an initialised
-    process group, when all shard files exist). Returns the merged result (None on other ranks)."""
+    Under torchrun (WORLD_SIZE > 1) the process group is initialised here (gloo on the CPU, NCCL
+    on CUDA) unless it already is, cells are split across ranks, each rank writes its shard and
+    rank 0 merges them after a barrier. Returns the merged result (None on other ranks)."""
     cfg.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model, lcfg, schedule = load_analysis_model(checkpoint, cfg)
     dev = next(model.parameters()).device
-    x = real_images(lcfg, cfg.heatmap_samples, cfg.seed).to(dev)
-    rank, world = _dist()
-    # progress survives a crash: rerunning the same command continues from this file
-    partial = out / (f"heatmap_partial_rank{rank:03d}of{world:03d}.pt" if world > 1 else "heatmap_partial.pt")
-    res = compute_error_heatmap(
-        model, x, schedule, num_points=cfg.num_points, gamma_min=cfg.gamma_min, gamma_max=cfg.gamma_max,
-        probes=cfg.probes, chunk_size=cfg.chunk_size, cells_per_batch=cfg.cells_per_batch, seed=cfg.seed,
-        target=cfg.target, chain_rule_snr=cfg.chain_rule_snr, shard=(rank, world) if world > 1 else None,
-        progress=progress and rank == 0, amp=cfg.heatmap_amp, compile=cfg.heatmap_compile,
-        partial=partial)
-    res.meta["checkpoint"] = str(checkpoint)
-    if world == 1:
-        res.save(out / "heatmap")
+    started = not is_distributed() and init_distributed(device=dev, timeout=_SHARD_WAIT)
+    try:
+        rank, world = get_rank(), get_world_size()
+        x = real_images(lcfg, cfg.heatmap_samples, cfg.seed).to(dev)
+        # progress survives a crash: rerunning the same command continues from this file
+        partial = out / (f"heatmap_partial_rank{rank:03d}of{world:03d}.pt" if world > 1 else "heatmap_partial.pt")
+        res = compute_error_heatmap(
+            model, x, schedule, num_points=cfg.num_points, gamma_min=cfg.gamma_min, gamma_max=cfg.gamma_max,
+            probes=cfg.probes, chunk_size=cfg.chunk_size, cells_per_batch=cfg.cells_per_batch, seed=cfg.seed,
+            target=cfg.target, chain_rule_snr=cfg.chain_rule_snr, shard=(rank, world) if world > 1 else None,
+            progress=progress and rank == 0, amp=cfg.heatmap_amp, compile=cfg.heatmap_compile,
+            partial=partial)
+        res.meta["checkpoint"] = str(checkpoint)
+        if world == 1:
+            res.save(out / "heatmap")
+            partial.unlink(missing_ok=True)
+            return res
+        res.save(shard_path(out, rank, world))
         partial.unlink(missing_ok=True)
-        return res
-    res.save(shard_path(out, rank, world))
-    partial.unlink(missing_ok=True)
-    import torch.distributed as dist
+        barrier()  # every shard is on disk
+        if rank != 0:
+            return None
+        merged = merge_heatmap_shards([shard_path(out, r, world) for r in range(world)])
+        merged.save(out / "heatmap")
+        return merged
+    finally:
+        if started:
+            cleanup_distributed()
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-    elif rank == 0:  # no process group: wait for the other ranks' files
-        deadline = time.time() + 3600
-        while not all(shard_path(out, r, world).exists() for r in range(world)):
-            if time.time() > deadline:
-                raise TimeoutError("timed out waiting for the other ranks' heatmap shards")
-            time.sleep(2)
-    if rank != 0:
-        return None
-    merged = merge_heatmap_shards([shard_path(out, r, world) for r in range(world)])
-    merged.save(out / "heatmap")
-    return merged
+
+#: how long a rank waits at the barrier for the others' shards (ranks resumed from partial
+#: files can have very different amounts of work left)
+_SHARD_WAIT = datetime.timedelta(hours=6)
 
 
 def _load_heatmap(heatmap) -> HeatmapResult:
@@ -232,20 +301,50 @@ def run_paths(heatmap, out_dir, cfg: LIFTAnalysisConfig, schedule=None) -> dict:
     return {"grid": grid, "generation": gen}
 
 
-def run_plot(heatmap, out_dir, cfg: LIFTAnalysisConfig, mse_results: dict | str | None = None) -> list[Path]:
-    """heatmap.png with the DP / greedy / fixed-step paths, and mse.png when MSE results are given."""
+def load_grid_paths(path: str | Path) -> dict[str, GridPath]:
+    """The grid paths of a ``paths.json`` written by :func:`run_paths` (name -> GridPath)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no paths file {str(p)!r}: write it with `dualdiff lift path --heatmap ... "
+                                "--out-dir ...` (or point --paths at one)")
+    try:
+        raw = json.loads(p.read_text())["paths"]
+        return {k: GridPath(points=np.asarray(v["points"], dtype=np.int64).reshape(-1, 2), cost=float(v["cost"]),
+                            method=v["method"], objective=v["objective"], max_jump=v.get("max_jump"))
+                for k, v in raw.items()}
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{str(p)!r} is not a paths.json written by `dualdiff lift path`: {e}") from e
+
+
+def run_plot(heatmap, out_dir, mse_results: dict | str | Path | None = None,
+             paths: str | Path | None = None) -> list[Path]:
+    """heatmap.png with the saved grid paths drawn on it, and mse.png when MSE results are given.
+
+    ``paths``: the ``paths.json`` of :func:`run_paths` (default ``out_dir/paths.json``); it is
+    read, never rewritten. ``mse_results``: the dict of :func:`run_mse` or its ``mse.json``."""
     from dualdiff.analysis.plots import plot_heatmap, plot_mse_bars
 
     hm = _load_heatmap(heatmap)
     out = Path(out_dir)
-    grid = run_paths(hm, out, LIFTAnalysisConfig(**{**asdict(cfg), "paths": []}))["grid"]
+    grid = load_grid_paths(Path(paths) if paths is not None else out / "paths.json")
+    bad = [k for k, p in grid.items() if len(p) and int(p.points.max()) >= hm.num_points]
+    if bad:
+        raise ConfigError(f"paths {bad} do not fit the {hm.num_points}x{hm.num_points} heatmap: "
+                          "were they computed from another heatmap?")
     files = [plot_heatmap(hm, out / "heatmap.png", grid,
                           title=f"LIFT discretization error ({hm.num_points}x{hm.num_points}, target {hm.meta.get('target')})")]
     if mse_results is not None:
         if not isinstance(mse_results, dict):
-            mse_results = json.loads(Path(mse_results).read_text())
+            f = Path(mse_results)
+            if not f.is_file():
+                raise FileNotFoundError(f"no MSE results file {str(f)!r}: write it with `dualdiff lift mse`")
+            mse_results = json.loads(f.read_text())
         files.append(plot_mse_bars(mse_results, out / "mse.png"))
     return files
+
+
+# --------------------------------------------------------------------------------------------
+# generation, MSE tests, FID
 
 
 def _generation_paths(cfg, schedule, heatmap, kinds) -> dict[str, GenerationPath]:
@@ -254,7 +353,7 @@ def _generation_paths(cfg, schedule, heatmap, kinds) -> dict[str, GenerationPath
     for kind in kinds:
         needs = kind.startswith(("dp", "fixed"))
         if needs and hm is None:
-            raise ValueError(f"path {kind!r} needs --heatmap")
+            raise ConfigError(f"path {kind!r} needs a heatmap (--heatmap)")
         steps = cfg.num_steps
         if kind.startswith("fixed"):
             steps = _fixed_moves(cfg, hm.num_points) + 1
@@ -264,45 +363,65 @@ def _generation_paths(cfg, schedule, heatmap, kinds) -> dict[str, GenerationPath
     return out
 
 
-def run_generate(checkpoint, out_dir, cfg: LIFTAnalysisConfig, heatmap=None, kinds=None) -> dict:
-    """Sample ``grid_images`` images per path kind: samples_<kind>.png and samples.png side by side.
+def run_generate(checkpoint, out_dir, cfg: LIFTAnalysisConfig, heatmap=None) -> dict[str, torch.Tensor]:
+    """Sample ``grid_images`` images along every path of ``cfg.paths``: samples_<kind>.png and
+    samples.png (side by side, each titled with its number of sampling steps).
 
     Every path starts from the same noise (generator seeded with cfg.seed)."""
     model, _, schedule = load_analysis_model(checkpoint, cfg)
-    return _generate_grids(model, schedule, out_dir, cfg, heatmap, kinds)
+    gen = _generation_paths(cfg, schedule, heatmap, cfg.paths)
+    return _generate_grids(model, schedule, out_dir, cfg, gen)
 
 
-def _generate_grids(model, schedule, out_dir, cfg, heatmap, kinds) -> dict:
+def _nrow(n: int) -> int:
+    return int(np.ceil(np.sqrt(n)))
+
+
+def _panel_title(name: str, p: GenerationPath) -> str:
+    return f"{name} ({len(p.t64)} steps)"
+
+
+def _generate_grids(model, schedule, out_dir, cfg: LIFTAnalysisConfig, gen: dict[str, GenerationPath],
+                    extra_panels: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     from dualdiff.analysis.plots import plot_sample_grids
 
     out = Path(out_dir)
     samples = {}
-    for name, p in _generation_paths(cfg, schedule, heatmap, kinds or cfg.paths).items():
+    for name, p in gen.items():
         x64, _ = generate(model, p, cfg.grid_images, schedule=schedule, eta=cfg.eta, clip_sample=cfg.clip_sample,
                           generator=torch.Generator().manual_seed(cfg.seed))
-        save_image_grid(x64, out / f"samples_{name}.png", nrow=int(np.ceil(np.sqrt(cfg.grid_images))))
+        save_image_grid(x64, out / f"samples_{name}.png", nrow=_nrow(cfg.grid_images))
         samples[name] = x64
-    plot_sample_grids(samples, out / "samples.png", nrow=int(np.ceil(np.sqrt(cfg.grid_images))))
+    titled = {_panel_title(k, gen[k]): v for k, v in samples.items()}
+    plot_sample_grids(titled, out / "samples.png", nrow=_nrow(cfg.grid_images))
+    if extra_panels:
+        plot_sample_grids({**extra_panels, **titled}, out / "data_vs_samples.png", nrow=_nrow(cfg.grid_images))
     return samples
 
 
-def run_generate_for_fid(checkpoint, out_dir, cfg: LIFTAnalysisConfig, kind: str = "diagonal",
-                         heatmap=None, n: int | None = None) -> list[Path]:
-    """Write ``n`` (default cfg.num_images) PNGs generated along one path into ``out_dir``."""
+def run_generate_for_fid(checkpoint, out_dir, cfg: LIFTAnalysisConfig, heatmap=None) -> list[Path]:
+    """Write ``cfg.num_images`` PNGs generated along the path ``cfg.fid_path`` into ``out_dir``."""
     model, _, schedule = load_analysis_model(checkpoint, cfg)
-    (p,) = _generation_paths(cfg, schedule, heatmap, [kind]).values()
-    return generate_for_fid(model, p, n or cfg.num_images, out_dir, cfg.batch_size, schedule=schedule,
+    (p,) = _generation_paths(cfg, schedule, heatmap, [cfg.fid_path]).values()
+    return generate_for_fid(model, p, cfg.num_images, out_dir, cfg.batch_size, schedule=schedule,
                             seed=cfg.seed, eta=cfg.eta, clip_sample=cfg.clip_sample)
 
 
-def run_fid(folder_a, folder_b, cfg: LIFTAnalysisConfig, *, allow_download: bool | None = None) -> float:
+def _allow_download(cfg: LIFTAnalysisConfig) -> bool | None:
+    # None: pytorch-fid may download unless DUALDIFF_NO_DOWNLOAD is set (dualdiff.metrics.fid)
+    return None if cfg.fid_download else False
+
+
+def run_fid(folder_a, folder_b, cfg: LIFTAnalysisConfig) -> float:
     """FID between two image folders with pytorch-fid's Inception (see dualdiff.metrics.fid)."""
     from dualdiff.metrics.fid import fid_from_folders
 
-    dev = _device(cfg)
+    for f in (folder_a, folder_b):
+        if not Path(f).is_dir():
+            raise FileNotFoundError(f"image folder {str(f)!r} does not exist")
     return fid_from_folders(folder_a, folder_b, inception_weights=cfg.inception_weights, dims=cfg.fid_dims,
-                            batch_size=cfg.batch_size, device=dev, cache_dir=cfg.fid_cache_dir,
-                            allow_download=allow_download, progress=True)
+                            batch_size=cfg.batch_size, device=_device(cfg), cache_dir=cfg.fid_cache_dir,
+                            allow_download=_allow_download(cfg), progress=True)
 
 
 def run_mse(checkpoint, out_dir, cfg: LIFTAnalysisConfig) -> dict:
@@ -322,34 +441,29 @@ def run_mse(checkpoint, out_dir, cfg: LIFTAnalysisConfig) -> dict:
 def _fmt_path(p: GenerationPath) -> str:
     k = [0, len(p.t64) // 2, len(p.t64) - 1]
     pts = ", ".join(f"(γ64 {p.gamma_64[i]:.3g}, γ32 {p.gamma_32[i]:.3g})" for i in k)
-    return f"{len(p.t64)} steps; start/mid/end {pts}"
+    return f"{len(p.t64)} sampling steps; start/mid/end {pts}"
 
 
-def run_demo(out_dir, *, train_overrides=(), analysis_overrides=(), steps: int | None = None,
-             quiet_progress: bool = True, print_fn=print) -> dict:
-    """The whole pipeline on the embedded procedural data with the tiny config, on the CPU.
+def run_demo(cfg: LIFTDemoConfig, out_dir, *, quiet_progress: bool = True, print_fn=print) -> dict:
+    """The whole pipeline on the configured data (the tiny preset: procedural images, CPU minutes).
 
-    train tiny model -> heatmap (small grid) -> DP / fixed-step paths -> generation along the
-    paths -> MSE tests -> FID per path when the Inception weights are available (else says so).
-    Prints a short report and writes it to ``out_dir/report.txt``; returns the numbers.
-    ``steps``: training steps (None: the tiny preset's, :meth:`LIFTConfig.tiny`).
+    train -> heatmap -> DP / fixed-step paths -> generation along the paths (with a grid of
+    training images beside the samples) -> MSE tests -> plots -> FID per path when the Inception
+    weights are available (else says so). The run goes to ``out_dir/run``; ``cfg.device`` is
+    the device of every step. Prints a short report, writes it to ``out_dir/report.txt`` and
+    returns the numbers.
     """
-    from dualdiff.config import apply_overrides
-    from dualdiff.experiments.lift import LIFTConfig, train_lift
+    from dualdiff.experiments.lift import train_lift
     from dualdiff.metrics.fid import InceptionWeightsError
 
+    if not isinstance(cfg, LIFTDemoConfig):
+        raise TypeError(f"cfg must be a LIFTDemoConfig, got {type(cfg).__name__}")
+    cfg.validate()
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    lcfg = LIFTConfig.tiny()
-    lcfg.train.out_dir = str(out / "run")
-    if steps is not None:
-        lcfg.train.steps = int(steps)
-    lcfg = apply_overrides(lcfg, list(train_overrides)) if train_overrides else lcfg
-    acfg = LIFTAnalysisConfig.tiny()
-    acfg.device = "cpu" if not torch.cuda.is_available() else acfg.device
-    acfg = apply_overrides(acfg, list(analysis_overrides)) if analysis_overrides else acfg
-    acfg.validate()
+    lcfg, acfg = copy.deepcopy(cfg.lift), copy.deepcopy(cfg.analysis)
+    lcfg.train.device = acfg.device = cfg.device  # validate(): both were "auto"
     report: dict = {}
     lines: list[str] = []
 
@@ -358,12 +472,13 @@ def run_demo(out_dir, *, train_overrides=(), analysis_overrides=(), steps: int |
         print_fn(s)
 
     trainer = train_lift(lcfg, out / "run", verbose=False)
+    t_train = time.perf_counter() - t0
     hist = [r["loss"] for r in trainer.history if "loss" in r]
     ckpt = out / "run"
     report["losses"] = hist
-    n_params = sum(p.numel() for p in trainer.model.parameters()) if hasattr(trainer, "model") else None
-    say(f"== LIFT demo (tiny config, {lcfg.train.steps} steps, {lcfg.data.num_images} procedural images"
-        + (f", {n_params:,} parameters" if n_params else "") + ")")
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    say(f"== LIFT demo ({lcfg.train.steps} training steps of {lcfg.train.batch_size}, "
+        f"{lcfg.data.num_images} {lcfg.data.source} images, {n_params:,} parameters, {t_train:.1f} s)")
     if hist:
         k = max(1, len(hist) // 5)
         say(f"training loss: first {hist[0]:.4f}  ->  last {hist[-1]:.4f}  (mean of first/last {k} logs: "
@@ -377,17 +492,21 @@ def run_demo(out_dir, *, train_overrides=(), analysis_overrides=(), steps: int |
         f"{acfg.heatmap_samples} samples x {acfg.probes} probes, {time.perf_counter() - t1:.1f} s): "
         f"64x64 error {e64.min():.3g}..{e64.max():.3g}, 32x32 {e32.min():.3g}..{e32.max():.3g}; "
         f"diagonal total falls {diag[0]:.3g} -> {diag[-1]:.3g}")
-    paths = run_paths(hm, out, acfg, schedule=None)
+    paths = run_paths(hm, out, acfg)
     for k, p in paths["grid"].items():
         desc = (f"γ1 index per γ0 index: {p.points[:, 1].tolist()}" if p.method != "fixed_step"
                 else f"(i, j) points: {[tuple(q) for q in p.points.tolist()]}")
         say(f"  path {k:13s} cost {p.cost:.4g}  {desc}")
-    mse_res = None
+    t1 = time.perf_counter()
     model, _, schedule = load_analysis_model(ckpt, acfg)
-    samples = _generate_grids(model, schedule, out, acfg, hm, acfg.paths)
+    training = real_images(lcfg, acfg.grid_images, acfg.seed)
+    save_image_grid(training, out / "training_images.png", nrow=_nrow(acfg.grid_images))
+    samples = _generate_grids(model, schedule, out, acfg, paths["generation"],
+                              extra_panels={"training images": training})
     for name, p in paths["generation"].items():
         say(f"  sampling path {name:11s} {_fmt_path(p)}")
-    say(f"sample grids: {out / 'samples.png'}")
+    say(f"sample grids ({acfg.grid_images} images per path, eta {acfg.eta:g}, {time.perf_counter() - t1:.1f} s): "
+        f"{out / 'data_vs_samples.png'} (training images beside the samples), {out / 'samples.png'}")
     x = real_images(lcfg, acfg.mse_samples, acfg.seed + 1)
     mse_res = run_mse_tests(model, x, schedule, timestep=acfg.mse_timestep, batch_size=acfg.batch_size,
                             seed=acfg.seed)
@@ -395,17 +514,18 @@ def run_demo(out_dir, *, train_overrides=(), analysis_overrides=(), steps: int |
     report["mse"] = mse_res
     for line in format_mse_table(mse_res).splitlines():
         say(line)
-    run_plot(hm, out, acfg, mse_res)
+    run_plot(hm, out, mse_res)
     say(f"plots: {out / 'heatmap.png'}, {out / 'mse.png'}")
     # FID (needs pytorch-fid's Inception weights)
     from dualdiff.metrics.fid import load_inception
 
     try:
-        ext = load_inception(acfg.fid_dims, acfg.inception_weights, device=_device(acfg))
+        ext = load_inception(acfg.fid_dims, acfg.inception_weights, device=_device(acfg),
+                             allow_download=_allow_download(acfg))
     except InceptionWeightsError as e:
         report["fid"] = None
         say(f"FID: skipped, Inception weights not available ({str(e).split('. ')[0]}). "
-            f"Pass inception_weights=/path/to/pt_inception-2015-12-05-6726825d.pth to include it.")
+            f"Pass analysis.inception_weights=/path/to/pt_inception-2015-12-05-6726825d.pth to include it.")
     else:
         from dualdiff.metrics.fid import fid_from_folders
 
@@ -424,5 +544,6 @@ def run_demo(out_dir, *, train_overrides=(), analysis_overrides=(), steps: int |
             "biased high): " + ", ".join(f"{k} {v:.2f}" for k, v in fids.items()))
     say(f"done in {time.perf_counter() - t0:.1f} s; files in {out}")
     (out / "report.txt").write_text("\n".join(lines) + "\n")
-    report["samples"] = {k: v.shape for k, v in samples.items()}
+    report["samples"] = {k: tuple(v.shape) for k, v in samples.items()}
+    report["sampling_steps"] = {k: len(p.t64) for k, p in paths["generation"].items()}
     return report

@@ -6,39 +6,55 @@ trained together: the models of one variant are stacked (:class:`dualdiff.models
 StackedModels`, ``vmap(functional_call)``), the variants' stacks sit side by side in one
 :class:`ToyGridModel`, and one :class:`dualdiff.train.Trainer` step advances every run.
 
+Entry points (in the order :func:`run_grid` calls them)::
+
+    cfg = Toy2DConfig.from_name("tiny")            # or Toy2DConfig(), or the CLI's config
+    training = train_grid(grid_runs(cfg), load_datasets(cfg), cfg, out / "train")
+    results = evaluate_grid(training, data, cfg)   # eval loss, samples, KL, weights, timings
+    write_results(results, cfg, out, ema_model=training.ema_model)
+    plot_results(out)                              # the three PNGs, from the saved files
+    load_results(out)                              # everything written, read back
+
+Config: :class:`Toy2DConfig` nests the shared :class:`~dualdiff.train.TrainConfig` as ``train``
+(steps, batch size, optimizer, schedule, clipping, EMA, checkpoints, compile, device, seed) and
+its own ``model`` / ``data`` sections; presets ``tiny`` and ``default`` (:data:`TOY2D_PRESETS`).
+
 Per run the training is the template's:
 
-* data: the run's dataset (``n_train`` = 100 000 points), batches of 256 drawn without
+* data: the run's dataset (``data.n_train`` = 100 000 points), batches of 256 drawn without
   replacement from a fresh permutation each epoch (the template's ``DataLoader(shuffle=True)``;
   its final partial batch of each epoch, 160 points, is dropped here so that every step of
   every run has the same batch size); t ~ U{0..T-1}, noise ~ N(0, I);
 * loss: ``mse(model(q_sample(x0, t, noise), t), noise)`` (mean over the batch);
 * T = 100 linear betas 1e-4..0.02; AdamW lr 3e-4 (weight decay 0.01, torch's AdamW default,
-  which the template inherits), cosine annealing to 0 over ``steps``; gradient norm clipped to
-  0.5 **per run** (:meth:`StackedModels.clip_grad_norm_`); EMA 0.995 every 10 steps after a
+  which the template inherits), cosine annealing to 0 over ``train.steps``; gradient norm clipped
+  to 0.5 **per run** (:meth:`StackedModels.clip_grad_norm_`); EMA 0.995 every 10 steps after a
   100-step warm-up during which it copies the weights (ema_pytorch's ``update_after_step=100``
   default; ema_pytorch also ramps its decay up with ``1 - (1 + step)^(-2/3)`` until it reaches
   0.995 near step 2 900, which Trainer's EMA does not: the last ~2 000 steps dominate both);
-  fp32 (no autocast), as the template.
+  fp32 (``train.amp=off``), as the template. On CUDA, AdamW is fused unless
+  ``train.optimizer_kwargs.fused`` says otherwise.
 
 The grid's loss is the **sum** of the runs' mean losses, so each run's gradient is exactly its own
 (d loss / d loss_run = 1) and element-wise AdamW treats every run independently.
 
-Randomness: run (variant, dataset) is initialised from ``derive_seed(seed, "init", variant,
-dataset)``; its batches (permutations, t, noise) depend only on ``derive_seed(seed, "data",
+Randomness: run (variant, dataset) is initialised from ``derive_seed(train.seed, "init", variant,
+dataset)``; its batches (permutations, t, noise) depend only on ``derive_seed(train.seed, "data",
 dataset)`` and the step index (all variants see the *same* batches of a dataset: common random
-numbers for the comparison), drawn ``chunk_steps`` steps at a time on the CPU. A run trained
-alone (:func:`train_sequential`) with the same seed therefore sees the same data and starts from
-the same weights as inside the grid (tests check the trained weights agree).
+numbers for the comparison), drawn ``data.chunk_steps`` steps at a time on the CPU. A run
+trained alone with the same seed therefore sees the same data and starts from the same weights
+as inside the grid (a test trains each run alone and checks the weights agree).
 
 Evaluation, per run (as the template):
 
-* ``eval_loss``: one pass over the whole training set in shuffled batches of ``batch_size``
+* ``eval_loss``: one pass over the whole training set in shuffled batches of ``train.batch_size``
   (the last one partial) with the trained, non-EMA model, fresh t and noise; the mean of the
   per-batch mean losses;
 * ``inference_time``: DDPM ancestral sampling (posterior variance, no clipping) of
-  ``n_samples`` = 10 000 points with the EMA model, T steps. The runs of a variant are sampled
-  together (one vmapped call per step); the group's wall time is divided by the number of runs;
+  ``n_samples`` = 10 000 points with the EMA model, T steps, through the shared
+  :func:`dualdiff.diffusion.ddpm_sample` with one generator per run. The runs of a variant are
+  sampled together (one vmapped call per step); the group's wall time is divided by the number
+  of runs;
 * ``kl_divergence``: :func:`dualdiff.metrics.kldiv` (npeet's estimator, k = 5, base 2) between
   the training set and the samples;
 * ``training_time``: the grid trains as one job, so a run's share is the grid's wall time divided
@@ -59,29 +75,31 @@ Outputs under ``out_dir``::
     all_results.json                      every run's metrics, the timings and the config
     train_loss.png, generated_images.png, weight_evolution.png
     train/                                the Trainer's metrics.jsonl and config.yaml
-    train/checkpoints/                    grid checkpoints (every ``checkpoint_every`` steps and
-                                          the final one): ``run_grid(resume=True)`` /
+    train/checkpoints/                    grid checkpoints (every ``train.checkpoint_every``
+                                          steps and the final one): ``run_grid(resume=True)`` /
                                           ``dualdiff toy2d run --resume`` continue from them
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dualdiff.data.toy2d import DATASETS, get_dataset
-from dualdiff.diffusion import NoiseSchedule, ddpm_step, make_schedule, q_sample
+from dualdiff.diffusion import NoiseSchedule, ddpm_sample, make_schedule, q_sample
+from dualdiff.diffusion.samplers import randn_chunks
 from dualdiff.models.stacked import StackedModels
 from dualdiff.models.toy2d import VARIANTS, build_toy_model
 from dualdiff.train import TrainConfig, Trainer
@@ -89,114 +107,86 @@ from dualdiff.train.distributed import default_device
 from dualdiff.utils.seed import derive_seed
 
 __all__ = [
+    # config
     "Toy2DConfig",
+    "Toy2DModelConfig",
+    "Toy2DDataConfig",
+    "TOY2D_PRESETS",
+    # entry points
+    "run_grid",
+    "train_grid",
+    "evaluate_grid",
+    "write_results",
+    "plot_results",
+    "load_results",
+    # building blocks
+    "GridTraining",
+    "GridResults",
     "ToyGridModel",
     "RunBatches",
     "GridBatches",
-    "GridTraining",
-    "parse_names",
+    "grid_runs",
     "run_seeds",
     "load_datasets",
     "build_run_model",
-    "train_config",
-    "train_grid",
-    "train_sequential",
+    "make_toy_schedule",
+    "trainer_config",
     "evaluate_eval_loss",
-    "sample_ddpm",
+    "sample_runs",
     "branch_weights",
-    "run_grid",
-    "load_results",
 ]
 
 log = logging.getLogger("dualdiff.toy2d")
 
+# train.out_dir's value in a toy2d config: the Trainer writes under <out_dir>/train, where
+# out_dir is run_grid's argument (the CLI's --out-dir), so the key itself is not used
+TRAIN_OUT_DIR = "<out-dir>/train"
+_TRAINCONFIG_OUT_DIR = TrainConfig.__dataclass_fields__["out_dir"].default  # also accepted
+
+
+# ---------------------------------------------------------------------------------------------
+# config
+# ---------------------------------------------------------------------------------------------
+def _check_int(obj: Any, names: Sequence[str], low: int, prefix: str = "") -> None:
+    for name in names:
+        v = getattr(obj, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"{prefix}{name} must be an int >= {low}, got {v!r}")
+
+
+def _check_names(names: Any, allowed: Sequence[str], what: str) -> None:
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{what} must be a list of names from {', '.join(allowed)}, got "
+                         f"{names!r}")
+    if not names:
+        raise ValueError(f"{what}: empty; choose from {', '.join(allowed)}")
+    for n in names:
+        if n not in allowed:
+            raise ValueError(f"{what}: unknown name {n!r}; choose from {', '.join(allowed)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{what}: duplicated names in {list(names)}")
+
 
 @dataclass
-class Toy2DConfig:
-    """The toy2d grid's settings; defaults are the template's (module docstring)."""
-    datasets: list[str] = field(default_factory=lambda: list(DATASETS))
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
-    # data
-    n_train: int = 100_000
-    datasaurus_path: str | None = None  # the dino table; None = cache / download
-    # models (each branch of the dual-scale variants has the baseline's sizes)
+class Toy2DModelConfig:
+    """Denoiser sizes (each branch of the dual-scale variants has the baseline's sizes) and the
+    dual-scale local branch's input: ``upscale`` = linear (the seed's) | factor."""
     embedding_dim: int = 128
     hidden_dim: int = 256
     hidden_layers: int = 3
-    upscale: str = "linear"  # dual-scale local branch input: linear (the seed's) | factor
-    # diffusion
-    num_timesteps: int = 100
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
-    # training
-    steps: int = 10_000
-    batch_size: int = 256
-    lr: float = 3e-4
-    weight_decay: float = 0.01  # torch AdamW's default, which the template uses
-    grad_clip: float = 0.5  # per run
-    ema_decay: float = 0.995
-    ema_every: int = 10
-    ema_warmup: int = 100
-    seed: int = 0
-    chunk_steps: int = 100  # random draws made this many steps at a time (part of the stream)
-    # evaluation
-    n_samples: int = 10_000
-    kl_k: int = 5
-    # runtime
-    device: str = "auto"
-    compile: bool = False
-    compile_mode: str | None = None  # torch.compile mode, e.g. reduce-overhead (CUDA graphs)
-    compile_backend: str | None = None  # torch.compile backend (None = inductor)
-    clip_mode: str = "exact"  # per-run clipping implementation: exact | batched
-    fused_optimizer: bool | None = None  # AdamW(fused=...): None = fused on CUDA
-    log_every: int = 100
-    checkpoint_every: int = 2000  # grid checkpoints under <out>/train/checkpoints (0 = none)
-    keep_checkpoints: int = 2  # the newest kept (the final one included)
-    warmup_steps_timed: int = 3
-    progress: bool = True
-    save_models: bool = True
-    plots: bool = True
+    upscale: Literal["linear", "factor"] = "linear"
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        for name in ("datasets", "variants"):
-            v = getattr(self, name)
-            if isinstance(v, str):
-                setattr(self, name, parse_names(v, DATASETS if name == "datasets" else VARIANTS,
-                                                name))
-            else:
-                parse_names(list(v), DATASETS if name == "datasets" else VARIANTS, name)
-        for name in ("n_train", "embedding_dim", "hidden_dim", "num_timesteps", "steps",
-                     "batch_size", "ema_every", "chunk_steps", "n_samples", "kl_k", "log_every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        for name in ("hidden_layers", "ema_warmup", "warmup_steps_timed", "checkpoint_every",
-                     "keep_checkpoints"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
-        if self.batch_size > self.n_train:
-            raise ValueError(f"batch_size ({self.batch_size}) must be <= n_train ({self.n_train})")
-        if not self.kl_k < min(self.n_train, self.n_samples):
-            raise ValueError(f"kl_k ({self.kl_k}) must be < n_train and n_samples")
-        if not 0 < self.beta_start < self.beta_end < 1:
-            raise ValueError(f"need 0 < beta_start < beta_end < 1, got {self.beta_start}, "
-                             f"{self.beta_end}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be positive and finite, got {self.lr}")
-        if not self.grad_clip >= 0:
-            raise ValueError(f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
-        if not 0.0 <= self.ema_decay <= 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1], got {self.ema_decay}")
+        _check_int(self, ("embedding_dim", "hidden_dim"), 1, "model.")
+        _check_int(self, ("hidden_layers",), 0, "model.")
         if self.upscale not in ("linear", "factor"):
-            raise ValueError(f"upscale must be 'linear' or 'factor', got {self.upscale!r}")
-        if self.clip_mode not in ("exact", "batched"):
-            raise ValueError(f"clip_mode must be 'exact' or 'batched', got {self.clip_mode!r}")
+            raise ValueError(f"model.upscale must be 'linear' or 'factor', got {self.upscale!r}")
 
-    def model_kwargs(self, variant: str) -> dict[str, Any]:
+    def kwargs(self, variant: str) -> dict[str, Any]:
+        """:func:`dualdiff.models.toy2d.build_toy_model` keyword arguments for ``variant``."""
         kw: dict[str, Any] = dict(embedding_dim=self.embedding_dim, hidden_dim=self.hidden_dim,
                                   hidden_layers=self.hidden_layers)
         if variant != "baseline":
@@ -204,39 +194,381 @@ class Toy2DConfig:
         return kw
 
 
-def parse_names(value: str | Sequence[str], allowed: Sequence[str], what: str) -> list[str]:
-    """``"a,b"`` or ``["a", "b"]`` -> checked list (known names, no duplicates, not empty)."""
-    names = [s.strip() for s in value.split(",")] if isinstance(value, str) else list(value)
-    names = [n for n in names if n]
-    if not names:
-        raise ValueError(f"{what}: empty; choose from {', '.join(allowed)}")
-    for n in names:
-        if n not in allowed:
-            raise ValueError(f"{what}: unknown name {n!r}; choose from {', '.join(allowed)}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"{what}: duplicated names in {names}")
-    return names
+@dataclass
+class Toy2DDataConfig:
+    """Training sets: ``n_train`` points per dataset. The dino points come from the package
+    (``dino_source=embedded``) or from the full Datasaurus Dozen table (``dino_source=table``:
+    ``datasaurus_path``, else the cache, else a download; :mod:`dualdiff.data.toy2d`).
+    ``chunk_steps``: the batches' random draws are made this many steps at a time (part of the
+    random stream: changing it changes the batches)."""
+    n_train: int = 100_000
+    dino_source: Literal["embedded", "table"] = "embedded"
+    datasaurus_path: str | None = None
+    chunk_steps: int = 100
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        _check_int(self, ("n_train", "chunk_steps"), 1, "data.")
+        if self.dino_source not in ("embedded", "table"):
+            raise ValueError(f"data.dino_source must be 'embedded' or 'table', got "
+                             f"{self.dino_source!r}")
+        if self.datasaurus_path is not None and self.dino_source != "table":
+            raise ValueError("data.datasaurus_path is set but data.dino_source is 'embedded': "
+                             "set data.dino_source=table to read that table (or drop the path)")
+
+
+def _default_train() -> TrainConfig:
+    # the template's settings (module docstring); a final checkpoint of the grid is kept
+    return TrainConfig(steps=10_000, batch_size=256, lr=3e-4, optimizer="adamw",
+                       weight_decay=0.01, scheduler="cosine", grad_clip=0.5, amp="off",
+                       ema_decay=0.995, ema_every=10, ema_warmup=100, out_dir=TRAIN_OUT_DIR,
+                       checkpoint_every=2000, keep_last=2, log_every=100, log_grad_norm=True)
+
+
+@dataclass
+class Toy2DConfig:
+    """The toy2d grid (``variants`` x ``datasets``); defaults are the template's (module
+    docstring). ``train`` is the shared Trainer's config; ``train.resume`` and
+    ``train.out_dir`` are not used (resume with ``--resume`` / ``run_grid(resume=...)``, the
+    training files go to ``<out_dir>/train``), so setting them is an error.
+
+    ``num_timesteps`` / ``beta_start`` / ``beta_end``: the linear noise schedule;
+    ``clip_mode``: per-run gradient clipping implementation (exact | batched, see
+    :meth:`StackedModels.clip_grad_norm_`); ``n_samples``: points sampled per run for the KL
+    (k = ``kl_k`` neighbours); ``warmup_steps_timed``: the first steps timed apart (compile and
+    CUDA-graph warm-up; no checkpoint is written inside them); ``save_models``: write each run's
+    EMA weights; ``plots``: draw the three plots at the end.
+    """
+    datasets: list[str] = field(default_factory=lambda: list(DATASETS))
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    model: Toy2DModelConfig = field(default_factory=Toy2DModelConfig)
+    data: Toy2DDataConfig = field(default_factory=Toy2DDataConfig)
+    train: TrainConfig = field(default_factory=_default_train)
+    num_timesteps: int = 100
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    clip_mode: Literal["exact", "batched"] = "exact"
+    n_samples: int = 10_000
+    kl_k: int = 5
+    warmup_steps_timed: int = 3
+    save_models: bool = True
+    plots: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check this config's own keys and the cross-section ones (each section checks its
+        own); raise ``ValueError`` naming the key. Never changes the config."""
+        _check_names(self.datasets, DATASETS, "datasets")
+        _check_names(self.variants, VARIANTS, "variants")
+        _check_int(self, ("num_timesteps", "n_samples", "kl_k"), 1)
+        _check_int(self, ("warmup_steps_timed",), 0)
+        if not 0 < self.beta_start < self.beta_end < 1:
+            raise ValueError(f"need 0 < beta_start < beta_end < 1, got {self.beta_start}, "
+                             f"{self.beta_end}")
+        if self.clip_mode not in ("exact", "batched"):
+            raise ValueError(f"clip_mode must be 'exact' or 'batched', got {self.clip_mode!r}")
+        if self.train.batch_size > self.data.n_train:
+            raise ValueError(f"train.batch_size ({self.train.batch_size}) must be <= "
+                             f"data.n_train ({self.data.n_train})")
+        if not self.kl_k < min(self.data.n_train, self.n_samples):
+            raise ValueError(f"kl_k ({self.kl_k}) must be < data.n_train ({self.data.n_train}) "
+                             f"and n_samples ({self.n_samples})")
+        if self.train.grad_accum != 1:
+            raise ValueError(f"train.grad_accum must be 1 for toy2d (one batch per step), got "
+                             f"{self.train.grad_accum}")
+        if self.train.resume is not None:
+            raise ValueError("train.resume is not used by toy2d: resume with --resume "
+                             "(run_grid(resume=...))")
+        if self.train.out_dir not in (TRAIN_OUT_DIR, _TRAINCONFIG_OUT_DIR):
+            raise ValueError(f"train.out_dir is not used by toy2d (its training files go to "
+                             f"<out_dir>/train): choose the folder with --out-dir "
+                             f"(run_grid(out_dir=...)), got train.out_dir={self.train.out_dir!r}")
+
+    @classmethod
+    def from_name(cls, name: str) -> "Toy2DConfig":
+        """A copy of preset ``name`` (:data:`TOY2D_PRESETS`: ``tiny`` | ``default``)."""
+        if name not in TOY2D_PRESETS:
+            raise ValueError(f"unknown toy2d preset {name!r}; choose one of "
+                             f"{', '.join(sorted(TOY2D_PRESETS))}")
+        return copy.deepcopy(TOY2D_PRESETS[name])
+
+    @classmethod
+    def tiny(cls) -> "Toy2DConfig":
+        """A smoke-size grid (every code path, about a minute on one CPU core, far from
+        converged): 16 runs of a 1-layer 16/32-wide model, 200 steps of 64 on 1000 points,
+        500 samples per run."""
+        train = dataclasses.replace(_default_train(), steps=200, batch_size=64, lr=1e-3,
+                                    ema_warmup=20, ema_every=2, log_every=50, progress=False)
+        return cls(model=Toy2DModelConfig(embedding_dim=16, hidden_dim=32, hidden_layers=1),
+                   data=Toy2DDataConfig(n_train=1000, chunk_steps=50), train=train,
+                   n_samples=500)
+
+
+TOY2D_PRESETS: dict[str, Toy2DConfig] = {"default": Toy2DConfig(), "tiny": Toy2DConfig.tiny()}
+
+
+# ---------------------------------------------------------------------------------------------
+# entry points: run_grid = train_grid -> evaluate_grid -> write_results -> plot_results
+# ---------------------------------------------------------------------------------------------
+def run_grid(config: Toy2DConfig | None = None, out_dir: str | os.PathLike = "runs/toy2d", *,
+             resume: bool | str | os.PathLike | None = False) -> dict:
+    """Train, evaluate, save and plot the grid ``config.variants x config.datasets``.
+
+    ``resume``: False / None (fresh), True or ``"auto"`` (the newest checkpoint in
+    ``out_dir/train/checkpoints`` when there is one; when training had finished, go straight
+    to the evaluation) or a checkpoint path. Timings then cover only the steps trained by this
+    call; ``resumed_from_step`` says where it started.
+    Returns ``{"runs": {"<variant>/<dataset>": final_info}, "timing": {...}, "out_dir": str}``.
+    """
+    config = Toy2DConfig() if config is None else config
+    if not isinstance(config, Toy2DConfig):
+        raise TypeError(f"config must be a Toy2DConfig, got {type(config).__name__}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = grid_runs(config)
+    data = load_datasets(config)
+    log.info("toy2d: training %d runs (%s x %s) for %d steps", len(runs),
+             ",".join(config.variants), ",".join(config.datasets), config.train.steps)
+    training = train_grid(runs, data, config, out / "train", resume=resume)
+    results = evaluate_grid(training, data, config)
+    write_results(results, config, out, ema_model=training.ema_model)
+    if config.plots:
+        plot_results(out)
+    return {"runs": results.runs, "timing": results.timing, "out_dir": str(out)}
+
+
+@dataclass
+class GridTraining:
+    """What :func:`train_grid` returns."""
+    runs: list[tuple[str, str]]
+    trainer: Trainer
+    model: ToyGridModel        # the trained weights
+    ema_model: ToyGridModel    # the EMA weights
+    train_losses: np.ndarray   # [steps, R] per-step training loss of every run
+    seconds: float             # wall time of the whole training (incl. compile warm-up)
+    first_steps_seconds: float  # wall time of the first warmup_steps_timed steps
+    device: torch.device
+    resumed_from_step: int = 0  # > 0: this process trained only the steps after it
+
+
+def train_grid(runs: Sequence[tuple[str, str]], data: dict[str, torch.Tensor],
+               config: Toy2DConfig, out_dir: str | os.PathLike, *,
+               resume: bool | str | os.PathLike | None = False,
+               until: int | None = None) -> GridTraining:
+    """Train every run of ``runs`` (variant-major ``(variant, dataset)`` pairs) together.
+
+    ``data``: ``{dataset: [n_train, 2] float32}`` (:func:`load_datasets`). The Trainer writes to
+    ``out_dir`` (checkpoints in ``out_dir/checkpoints``). ``resume`` as in :func:`run_grid`
+    (exact: batches are indexed by step, and the per-step losses are a buffer of the
+    checkpointed model). ``until``: stop after that step (a simulated preemption).
+    """
+    runs = [tuple(r) for r in runs]
+    steps = config.train.steps
+    device = default_device(config.train.device)
+    schedule = make_toy_schedule(config)
+    models = [build_run_model(v, d, config) for v, d in runs]
+    grid = ToyGridModel(runs, models, schedule)
+    grid.set_clip_mode(config.clip_mode)
+    del models
+    # every run's loss at every step; a buffer, so checkpoints carry it and resume restores it
+    grid.register_buffer("train_losses", torch.zeros(steps, len(runs)))
+    batches = GridBatches([data[d] for _, d in runs],
+                          [run_seeds(config, v, d)["data"] for v, d in runs], config, device)
+    mode = config.train.compile_kwargs.get("mode")
+    cudagraphs = config.train.compile and mode in ("reduce-overhead", "max-autotune")
+
+    def loss_fn(model, batch):
+        if cudagraphs and device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        losses = model(batch["x0"], batch["t"], batch["noise"])
+        history = grid.train_losses  # looked up per call: .to() and resume replace the tensor
+        if batch["index"] < history.shape[0]:  # (steps beyond train.steps: benchmarks)
+            history[batch["index"]] = losses.detach()
+        return losses.sum()
+
+    trainer = Trainer(grid, loss_fn, batches, trainer_config(config, out_dir, device, resume),
+                      run_config=config)
+    start = trainer.step
+    if start:
+        log.info("toy2d: resumed the grid at step %d of %d", start, steps)
+    try:
+        _sync(device)
+        t0 = time.perf_counter()
+        first = min(config.warmup_steps_timed, steps)
+        if first and start < first:
+            # the timed first steps: no checkpoint written there
+            trainer.fit(until=first if until is None else min(first, until), save_final=False)
+            _sync(device)
+        t1 = time.perf_counter()
+        trainer.fit(until=until)
+        _sync(device)
+        t2 = time.perf_counter()
+    finally:
+        trainer.close()
+    return GridTraining(runs, trainer, trainer.model, trainer.ema_model,
+                        grid.train_losses.cpu().numpy(), t2 - t0, t1 - t0, device, start)
+
+
+@dataclass
+class GridResults:
+    """What :func:`evaluate_grid` returns (and :func:`write_results` writes)."""
+    runs: dict[str, dict]          # "v/d" -> the run's final_info (JSON-safe values)
+    timing: dict[str, Any]         # grid-level timings and context
+    arrays: dict[str, np.ndarray]  # "v/d/train_losses" [steps], "v/d/images" [n_samples, 2],
+    #                                "v/d/weights" [T, 2] (adaptive variants)
+
+
+def evaluate_grid(training: GridTraining, data: dict[str, torch.Tensor],
+                  config: Toy2DConfig) -> GridResults:
+    """Every run's eval loss, EMA samples (timed per variant group), KL divergence and, for the
+    adaptive variants, branch weights over t (module docstring)."""
+    runs, R, device = training.runs, len(training.runs), training.device
+    schedule = make_toy_schedule(config)
+    steps = config.train.steps
+    timing: dict[str, Any] = {
+        "grid_training_time": training.seconds,
+        "grid_first_steps_time": training.first_steps_seconds,
+        "grid_first_steps": min(config.warmup_steps_timed, steps),
+        "grid_runs": R, "training_time_per_run": training.seconds / R,
+        "resumed_from_step": training.resumed_from_step, "steps": steps, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "compile": config.train.compile, "compile_mode": config.train.compile_kwargs.get("mode"),
+        "groups": {}}
+    infos: dict[str, dict] = {}
+    arrays: dict[str, np.ndarray] = {}
+    for v, o, m in training.model.groups:
+        names = [d for _, d in runs[o:o + m]]
+        seeds = [run_seeds(config, v, d) for d in names]
+        eval_losses = evaluate_eval_loss(training.model.stacks[v], [data[d] for d in names],
+                                         [s["eval"] for s in seeds], schedule,
+                                         config.train.batch_size)
+        ema_stack = training.ema_model.stacks[v]
+        ema_stack.eval()
+        # time only the sampling loop of the group (synchronised on CUDA)
+        _sync(device)
+        t0 = time.perf_counter()
+        samples = sample_runs(ema_stack, config.n_samples, schedule, [s["sample"] for s in seeds])
+        samples_np = samples.cpu().numpy()
+        group_time = time.perf_counter() - t0
+        weights = branch_weights(ema_stack, config.num_timesteps).cpu().numpy() \
+            if v in ("adaptive", "adaptive_deep") else None
+        timing["groups"][v] = {"runs": m, "inference_time": group_time,
+                               "inference_time_per_run": group_time / m}
+        for j, d in enumerate(names):
+            r = o + j
+            kl, kl_note = _kl(data[d].numpy(), samples_np[j], config.kl_k)
+            info = {"training_time": training.seconds / R, "eval_loss": float(eval_losses[j]),
+                    "inference_time": group_time / m, "kl_divergence": kl,
+                    "variant": v, "dataset": d, "steps": steps,
+                    "final_train_loss": float(training.train_losses[-1, r]),
+                    "grid_training_time": training.seconds, "grid_runs": R,
+                    "group_inference_time": group_time, "group_runs": m,
+                    "device": str(device), "seed": config.train.seed}
+            if kl_note:
+                info["kl_note"] = kl_note
+            if training.resumed_from_step:
+                info["resumed_from_step"] = training.resumed_from_step
+            infos[f"{v}/{d}"] = {k: _jsonable(val) for k, val in info.items()}
+            arrays[f"{v}/{d}/train_losses"] = training.train_losses[:, r]
+            arrays[f"{v}/{d}/images"] = samples_np[j]
+            if weights is not None:
+                arrays[f"{v}/{d}/weights"] = weights[j]
+    return GridResults(infos, timing, arrays)
+
+
+_TEMPLATE_KEYS = ("training_time", "eval_loss", "inference_time", "kl_divergence")
+
+
+def write_results(results: GridResults, config: Toy2DConfig, out_dir: str | os.PathLike, *,
+                  ema_model: ToyGridModel | None = None) -> Path:
+    """Write the files of the module docstring's layout under ``out_dir`` (the runs' EMA
+    weights too when ``config.save_models`` and ``ema_model`` is given); returns ``out_dir``."""
+    from dualdiff.config import to_dict
+
+    out = Path(out_dir)
+    per_variant: dict[str, dict] = {}
+    for name, info in results.runs.items():
+        v, d = name.split("/")
+        run_dir = out / v / d
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "final_info.json").write_text(json.dumps(info, indent=2))
+        np.save(run_dir / "samples.npy", results.arrays[f"{name}/images"])
+        np.save(run_dir / "train_losses.npy", results.arrays[f"{name}/train_losses"])
+        if f"{name}/weights" in results.arrays:
+            np.save(run_dir / "weights.npy", results.arrays[f"{name}/weights"])
+        per_variant.setdefault(v, {})[d] = {"means": {k: info[k] for k in _TEMPLATE_KEYS}}
+    if config.save_models and ema_model is not None:
+        for v, o, m in ema_model.groups:
+            stack = ema_model.stacks[v]
+            for j in range(m):
+                d = ema_model.runs[o + j][1]
+                torch.save({k: t.cpu() for k, t in stack.member_state_dict(j).items()},
+                           out / v / d / "ema_model.pt")
+    for v, layout in per_variant.items():
+        (out / v / "final_info.json").write_text(json.dumps(layout, indent=2))
+    np.savez(out / "all_results.npz", **results.arrays)
+    summary = {"runs": results.runs, "timing": results.timing, "config": to_dict(config),
+               "datasets": config.datasets, "variants": config.variants}
+    (out / "all_results.json").write_text(json.dumps(summary, indent=2, default=_jsonable))
+    return out
+
+
+def plot_results(out_dir: str | os.PathLike) -> dict[str, Path | None]:
+    """Draw ``train_loss.png``, ``generated_images.png`` and ``weight_evolution.png`` (None
+    when no adaptive variant ran) into ``out_dir`` from the files :func:`write_results` wrote."""
+    from dualdiff.analysis.toy2d_plots import plot_all
+
+    return plot_all(load_results(out_dir), out_dir)
+
+
+def load_results(out_dir: str | os.PathLike) -> dict:
+    """Read a grid's ``all_results.json`` + ``all_results.npz`` back:
+    ``{"datasets", "variants", "runs": {"v/d": info}, "timing", "config",
+    "arrays": {"v/d/train_losses" | "v/d/images" | "v/d/weights": ndarray}}``."""
+    out = Path(out_dir)
+    js = out / "all_results.json"
+    if not js.is_file():
+        raise FileNotFoundError(f"out_dir: no all_results.json in {out} (run the grid first)")
+    summary = json.loads(js.read_text())
+    with np.load(out / "all_results.npz", allow_pickle=False) as z:
+        summary["arrays"] = {k: z[k] for k in z.files}
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------
 # runs, data, models
 # ---------------------------------------------------------------------------------------------
+def grid_runs(config: Toy2DConfig) -> list[tuple[str, str]]:
+    """The grid's ``(variant, dataset)`` pairs, variant-major."""
+    return [(v, d) for v in config.variants for d in config.datasets]
+
+
 def run_seeds(config: Toy2DConfig, variant: str, dataset: str) -> dict[str, int]:
     """The seeds of run (variant, dataset): init (per run), data and eval / sampling (per dataset:
     common random numbers across variants)."""
-    s = config.seed
+    s = config.train.seed
     return {"init": derive_seed(s, "init", variant, dataset),
             "data": derive_seed(s, "data", dataset),
             "eval": derive_seed(s, "eval", dataset),
             "sample": derive_seed(s, "sample", dataset)}
 
 
-def load_datasets(names: Sequence[str], config: Toy2DConfig) -> dict[str, torch.Tensor]:
-    """``{name: float32 CPU tensor [n_train, 2]}`` (the template's generators)."""
+def load_datasets(config: Toy2DConfig, names: Sequence[str] | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """``{name: float32 CPU tensor [data.n_train, 2]}`` for ``names`` (default
+    ``config.datasets``), the template's generators."""
     out = {}
-    for n in names:
-        kw = {"path": config.datasaurus_path} if n == "dino" else {}
-        out[n] = get_dataset(n, n=config.n_train, **kw)
+    for n in (config.datasets if names is None else names):
+        kw: dict[str, Any] = {}
+        if n == "dino":
+            kw["source"] = config.data.dino_source
+            if config.data.datasaurus_path is not None:
+                kw["path"] = config.data.datasaurus_path
+        out[n] = get_dataset(n, n=config.data.n_train, **kw)
     return out
 
 
@@ -244,14 +576,18 @@ def build_run_model(variant: str, dataset: str, config: Toy2DConfig) -> nn.Modul
     """Run (variant, dataset)'s freshly initialised model (seeded, global RNG untouched)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(run_seeds(config, variant, dataset)["init"])
-        return build_toy_model(variant, **config.model_kwargs(variant))
+        return build_toy_model(variant, **config.model.kwargs(variant))
 
 
 def make_toy_schedule(config: Toy2DConfig) -> NoiseSchedule:
+    """The linear schedule of ``num_timesteps`` betas from ``beta_start`` to ``beta_end``."""
     return make_schedule("linear", num_timesteps=config.num_timesteps,
                          beta_start=config.beta_start, beta_end=config.beta_end)
 
 
+# ---------------------------------------------------------------------------------------------
+# batches and the grid model
+# ---------------------------------------------------------------------------------------------
 class RunBatches:
     """One run's training draws for step ``index``: ``(idx [B], t [B], noise [B, 2])``.
 
@@ -309,9 +645,10 @@ class GridBatches:
             raise ValueError("every run's data must have shape [n_train, 2]")
         self.device = torch.device(device)
         self.data = torch.stack([d.float() for d in data]).to(self.device)
-        self.runs = [RunBatches(n, config.batch_size, config.num_timesteps, s, config.chunk_steps)
+        chunk = config.data.chunk_steps
+        self.runs = [RunBatches(n, config.train.batch_size, config.num_timesteps, s, chunk)
                      for s in seeds]
-        self.chunk = config.chunk_steps
+        self.chunk = chunk
         self._rows = torch.arange(len(data), device=self.device)[:, None]
         self._c = -1
         self._draws: tuple[torch.Tensor, ...] = ()
@@ -387,29 +724,26 @@ class ToyGridModel(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# training
+# training helpers
 # ---------------------------------------------------------------------------------------------
-def train_config(config: Toy2DConfig, out_dir: Path, device: torch.device,
-                 resume: bool = False) -> TrainConfig:
-    """The :class:`TrainConfig` of the template's settings (module docstring); with
-    ``config.checkpoint_every`` the grid is checkpointed (and saved at the end), and ``resume``
-    continues from the newest checkpoint in ``out_dir`` when there is one."""
-    fused = config.fused_optimizer
-    if fused is None:
-        fused = device.type == "cuda"
-    compile_kwargs: dict[str, Any] = {"mode": config.compile_mode} if config.compile_mode else {}
-    if config.compile_backend:
-        compile_kwargs["backend"] = config.compile_backend
-    return TrainConfig(
-        steps=config.steps, batch_size=config.batch_size, lr=config.lr, optimizer="adamw",
-        weight_decay=config.weight_decay, optimizer_kwargs={"fused": True} if fused else {},
-        scheduler="cosine", warmup_steps=0, min_lr_ratio=0.0,
-        grad_clip=config.grad_clip or None, amp="off", compile=config.compile,
-        compile_kwargs=compile_kwargs, ema_decay=config.ema_decay, ema_every=config.ema_every,
-        ema_warmup=config.ema_warmup, out_dir=str(out_dir), checkpoint_every=config.checkpoint_every,
-        keep_last=config.keep_checkpoints, save_final=config.checkpoint_every > 0,
-        resume="auto" if resume else None, log_every=config.log_every, seed=config.seed,
-        device=str(device), progress=config.progress, log_grad_norm=True)
+def trainer_config(config: Toy2DConfig, out_dir: str | os.PathLike, device: torch.device,
+                   resume: bool | str | os.PathLike | None = False) -> TrainConfig:
+    """``config.train`` as the Trainer gets it: writing to ``out_dir``, on ``device``, resuming
+    per ``resume`` (:func:`run_grid`), and on CUDA with fused AdamW unless
+    ``train.optimizer_kwargs`` has a ``fused`` key."""
+    if resume is None or resume is False:
+        resume_key = None
+    elif resume is True or resume == "auto":
+        resume_key = "auto"
+    elif isinstance(resume, (str, os.PathLike)):
+        resume_key = str(resume)
+    else:
+        raise TypeError(f"resume must be a bool, 'auto' or a checkpoint path, got {resume!r}")
+    kwargs = dict(config.train.optimizer_kwargs)
+    if device.type == "cuda":
+        kwargs.setdefault("fused", True)
+    return dataclasses.replace(config.train, out_dir=str(out_dir), device=str(device),
+                               resume=resume_key, optimizer_kwargs=kwargs)
 
 
 def _sync(device: torch.device) -> None:
@@ -417,111 +751,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@dataclass
-class GridTraining:
-    """What :func:`train_grid` returns."""
-    runs: list[tuple[str, str]]
-    trainer: Trainer
-    model: ToyGridModel        # the trained weights
-    ema_model: ToyGridModel    # the EMA weights
-    train_losses: np.ndarray   # [steps, R] per-step training loss of every run
-    seconds: float             # wall time of the whole training (incl. compile warm-up)
-    first_steps_seconds: float  # wall time of the first warmup_steps_timed steps
-    device: torch.device
-    resumed_from_step: int = 0  # > 0: this process trained only the steps after it
-
-
-def train_grid(runs: Sequence[tuple[str, str]], data: dict[str, torch.Tensor],
-               config: Toy2DConfig, out_dir: str | Path, *, resume: bool = False,
-               until: int | None = None) -> GridTraining:
-    """Train every run of ``runs`` (variant-major ``(variant, dataset)`` pairs) together.
-
-    ``resume``: continue from the newest checkpoint in ``out_dir/checkpoints`` if there is one
-    (exactly: batches are indexed by step, and the per-step losses are a buffer of the
-    checkpointed model). ``until``: stop after that step (a simulated preemption).
-    """
-    runs = [tuple(r) for r in runs]
-    device = default_device(config.device)
-    schedule = make_toy_schedule(config)
-    models = [build_run_model(v, d, config) for v, d in runs]
-    grid = ToyGridModel(runs, models, schedule)
-    grid.set_clip_mode(config.clip_mode)
-    del models
-    # every run's loss at every step; a buffer, so checkpoints carry it and resume restores it
-    grid.register_buffer("train_losses", torch.zeros(config.steps, len(runs)))
-    batches = GridBatches([data[d] for _, d in runs],
-                          [run_seeds(config, v, d)["data"] for v, d in runs], config, device)
-    cudagraphs = config.compile and config.compile_mode in ("reduce-overhead",
-                                                            "max-autotune")
-
-    def loss_fn(model, batch):
-        if cudagraphs and device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()
-        losses = model(batch["x0"], batch["t"], batch["noise"])
-        history = grid.train_losses  # looked up per call: .to() and resume replace the tensor
-        if batch["index"] < history.shape[0]:  # (steps beyond config.steps: benchmarks)
-            history[batch["index"]] = losses.detach()
-        return losses.sum()
-
-    trainer = Trainer(grid, loss_fn, batches, train_config(config, Path(out_dir), device, resume),
-                      run_config=config)
-    start = trainer.step
-    if start:
-        log.info("toy2d: resumed the grid at step %d of %d", start, config.steps)
-    try:
-        _sync(device)
-        t0 = time.perf_counter()
-        first = min(config.warmup_steps_timed, config.steps)
-        if first and start < first:
-            # the timed first steps: no checkpoint written there
-            trainer.fit(until=first if until is None else min(first, until), save_final=False)
-            _sync(device)
-        t1 = time.perf_counter()
-        trainer.fit(until=until)
-        _sync(device)
-        t2 = time.perf_counter()
-    finally:
-        trainer.close()
-    return GridTraining(runs, trainer, trainer.model, trainer.ema_model,
-                        grid.train_losses.cpu().numpy(), t2 - t0, t1 - t0, device, start)
-
-
-def train_sequential(runs: Sequence[tuple[str, str]], data: dict[str, torch.Tensor],
-                     config: Toy2DConfig, out_dir: str | Path) -> list[dict]:
-    """The reference: every run trained alone (plain model, Trainer's own clipping), one after
-    the other, with the same seeds and batches as in the grid. Returns per run
-    ``{"run", "model", "ema_model", "train_losses" [steps], "seconds"}``."""
-    device = default_device(config.device)
-    schedule = make_toy_schedule(config).to(device)
-    out = []
-    for v, d in runs:
-        model = build_run_model(v, d, config)
-        batches = GridBatches([data[d]], [run_seeds(config, v, d)["data"]], config, device)
-        history = torch.zeros(config.steps, device=device)
-
-        def loss_fn(m, batch, history=history):
-            x0, t, noise = batch["x0"][0], batch["t"][0], batch["noise"][0]
-            loss = F.mse_loss(m(q_sample(x0, t, noise, schedule), t), noise)
-            history[batch["index"]] = loss.detach()
-            return loss
-
-        trainer = Trainer(model, loss_fn, batches,
-                          train_config(config, Path(out_dir) / f"{v}_{d}", device))
-        try:
-            _sync(device)
-            t0 = time.perf_counter()
-            trainer.fit()
-            _sync(device)
-            sec = time.perf_counter() - t0
-        finally:
-            trainer.close()
-        out.append({"run": (v, d), "model": trainer.model, "ema_model": trainer.ema_model,
-                    "train_losses": history.cpu().numpy(), "seconds": sec})
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
-# evaluation
+# evaluation helpers
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate_eval_loss(stack: StackedModels, data: Sequence[torch.Tensor], seeds: Sequence[int],
@@ -554,24 +785,26 @@ def evaluate_eval_loss(stack: StackedModels, data: Sequence[torch.Tensor], seeds
 
 
 @torch.no_grad()
-def sample_ddpm(stack: StackedModels, n: int, schedule: NoiseSchedule, seeds: Sequence[int]
+def sample_runs(stack: StackedModels, n: int, schedule: NoiseSchedule, seeds: Sequence[int]
                 ) -> torch.Tensor:
     """DDPM ancestral sampling (epsilon prediction, posterior variance, T steps) of ``n`` points
-    for every member of ``stack`` at once -> ``[M, n, 2]``. Member m's x_T and step noise come
-    from a generator seeded with ``seeds[m]`` (on the stack's device)."""
+    for every member of ``stack`` at once -> ``[M, n, 2]`` float32, through the shared
+    :func:`dualdiff.diffusion.ddpm_sample` with one generator per member: member m's x_T and
+    step noise come from a generator seeded with ``seeds[m]`` (on the stack's device), so its
+    samples are those of member m sampled alone."""
     device = next(stack.parameters()).device
-    M, T = stack.num_models, schedule.num_timesteps
-    sched = schedule.to(device)
+    M = stack.num_models
+    if len(seeds) != M:
+        raise ValueError(f"seeds: need one per member ({M}), got {len(seeds)}")
     gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-    x = torch.cat([torch.randn(n, 2, generator=g, device=device) for g in gens])  # [M*n, 2]
-    for step in range(T - 1, -1, -1):
-        t = torch.full((M, n), step, dtype=torch.long, device=device)
-        eps = stack(x.view(M, n, 2), t).reshape(M * n, 2)
-        noise = torch.cat([torch.randn(n, 2, generator=g, device=device) for g in gens]) \
-            if step > 0 else None
-        x, _ = ddpm_step(eps, step, x, sched, prediction_type="epsilon",
-                         variance_type="fixed_small", variance_noise=noise)
-    return x.view(M, n, 2)
+    x_T = randn_chunks((M * n, 2), gens, device)  # [M*n, 2]: member m's rows from gens[m]
+
+    def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return stack(x.view(M, n, 2), t.reshape(M, n)).reshape(M * n, 2)
+
+    out = ddpm_sample(model_fn, x_T, schedule.to(device), prediction_type="epsilon",
+                      variance_type="fixed_small", generator=gens)
+    return out.sample.view(M, n, 2)
 
 
 @torch.no_grad()
@@ -596,131 +829,19 @@ def _kl(real: np.ndarray, sample: np.ndarray, k: int) -> tuple[float, str | None
         return float(kldiv(real, sample, k=k, jitter=1e-10, seed=0)), f"jitter 1e-10 ({e})"
 
 
-# ---------------------------------------------------------------------------------------------
-# the grid
-# ---------------------------------------------------------------------------------------------
+def _kl(real: np.ndarray, sample: np.ndarray, k: int) -> tuple[float, str | None]:
+    from dualdiff.metrics.kl import kldiv
+    if not np.isfinite(sample).all():
+        return float("nan"), "samples contain non-finite values"
+    try:
+        return float(kldiv(real, sample, k=k)), None
+    except ValueError as e:  # duplicated points: npeet's tie-breaking noise
+        return float(kldiv(real, sample, k=k, jitter=1e-10, seed=0)), f"jitter 1e-10 ({e})"
+
+
 def _jsonable(v):
     if isinstance(v, (np.floating, np.integer)):
         return v.item()
     if isinstance(v, float) and not math.isfinite(v):
         return None if math.isnan(v) else v
     return v
-
-
-def run_grid(datasets: Sequence[str] | str | None = None,
-             variants: Sequence[str] | str | None = None,
-             config: Toy2DConfig | None = None, out_dir: str | Path = "runs/toy2d",
-             resume: bool = False) -> dict:
-    """Train, evaluate, save and plot the grid ``variants x datasets`` (module docstring).
-
-    ``resume``: continue training from the newest checkpoint in ``out_dir/train/checkpoints``
-    (when training had finished, go straight to the evaluation). Timings then cover only the
-    steps trained by this call; ``resumed_from_step`` says where it started.
-
-    ``datasets`` / ``variants`` (lists or comma-separated strings) default to the config's.
-    Returns ``{"runs": {"<variant>/<dataset>": final_info}, "timing": {...}, "out_dir": str}``.
-    """
-    config = dataclasses.replace(config) if config is not None else Toy2DConfig()
-    if datasets is not None:
-        config.datasets = parse_names(datasets, DATASETS, "datasets")
-    if variants is not None:
-        config.variants = parse_names(variants, VARIANTS, "variants")
-    config.validate()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    runs = [(v, d) for v in config.variants for d in config.datasets]
-    data = load_datasets(config.datasets, config)
-    log.info("toy2d: training %d runs (%s x %s) for %d steps", len(runs),
-             ",".join(config.variants), ",".join(config.datasets), config.steps)
-
-    tr = train_grid(runs, data, config, out / "train", resume=resume)
-    R = len(runs)
-    device = tr.device
-    schedule = make_toy_schedule(config)
-    infos: dict[str, dict] = {}
-    arrays: dict[str, np.ndarray] = {}
-    timing = {"grid_training_time": tr.seconds, "grid_first_steps_time": tr.first_steps_seconds,
-              "grid_first_steps": min(config.warmup_steps_timed, config.steps),
-              "grid_runs": R, "training_time_per_run": tr.seconds / R,
-              "resumed_from_step": tr.resumed_from_step,
-              "steps": config.steps, "device": str(device),
-              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-              else "cpu", "compile": config.compile, "compile_mode": config.compile_mode,
-              "groups": {}}
-    for v, o, m in tr.model.groups:
-        group_runs = runs[o:o + m]
-        names = [d for _, d in group_runs]
-        seeds = [run_seeds(config, v, d) for _, d in group_runs]
-        eval_losses = evaluate_eval_loss(tr.model.stacks[v], [data[d] for d in names],
-                                         [s["eval"] for s in seeds], schedule, config.batch_size)
-        ema_stack = tr.ema_model.stacks[v]
-        ema_stack.eval()
-        # time only the sampling loop of the group (synchronised on CUDA)
-        _sync(device)
-        t0 = time.perf_counter()
-        samples = sample_ddpm(ema_stack, config.n_samples, schedule, [s["sample"] for s in seeds])
-        samples_np = samples.cpu().numpy()
-        group_time = time.perf_counter() - t0
-        weights = branch_weights(ema_stack, config.num_timesteps).cpu().numpy() \
-            if v in ("adaptive", "adaptive_deep") else None
-        timing["groups"][v] = {"runs": m, "inference_time": group_time,
-                               "inference_time_per_run": group_time / m}
-        variant_info = {}
-        for j, d in enumerate(names):
-            r = o + j
-            kl, kl_note = _kl(data[d].numpy(), samples_np[j], config.kl_k)
-            info = {"training_time": tr.seconds / R, "eval_loss": float(eval_losses[j]),
-                    "inference_time": group_time / m, "kl_divergence": kl,
-                    "variant": v, "dataset": d, "steps": config.steps,
-                    "final_train_loss": float(tr.train_losses[-1, r]),
-                    "grid_training_time": tr.seconds, "grid_runs": R,
-                    "group_inference_time": group_time, "group_runs": m,
-                    "device": str(device), "seed": config.seed}
-            if kl_note:
-                info["kl_note"] = kl_note
-            if tr.resumed_from_step:
-                info["resumed_from_step"] = tr.resumed_from_step
-            info = {k: _jsonable(val) for k, val in info.items()}
-            run_dir = out / v / d
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "final_info.json").write_text(json.dumps(info, indent=2))
-            np.save(run_dir / "samples.npy", samples_np[j])
-            np.save(run_dir / "train_losses.npy", tr.train_losses[:, r])
-            arrays[f"{v}/{d}/train_losses"] = tr.train_losses[:, r]
-            arrays[f"{v}/{d}/images"] = samples_np[j]
-            if weights is not None:
-                np.save(run_dir / "weights.npy", weights[j])
-                arrays[f"{v}/{d}/weights"] = weights[j]
-            if config.save_models:
-                torch.save({k: t.cpu() for k, t in ema_stack.member_state_dict(j).items()},
-                           run_dir / "ema_model.pt")
-            infos[f"{v}/{d}"] = info
-            variant_info[d] = {"means": {k: info[k] for k in ("training_time", "eval_loss",
-                                                              "inference_time",
-                                                              "kl_divergence")}}
-        (out / v).mkdir(parents=True, exist_ok=True)
-        (out / v / "final_info.json").write_text(json.dumps(variant_info, indent=2))
-
-    from dualdiff.config import to_dict
-    np.savez(out / "all_results.npz", **arrays)
-    summary = {"runs": infos, "timing": timing, "config": to_dict(config),
-               "datasets": config.datasets, "variants": config.variants}
-    (out / "all_results.json").write_text(json.dumps(summary, indent=2, default=_jsonable))
-    if config.plots:
-        from dualdiff.analysis.toy2d_plots import plot_all
-        plot_all(load_results(out), out)
-    return {"runs": infos, "timing": timing, "out_dir": str(out)}
-
-
-def load_results(out_dir: str | Path) -> dict:
-    """Read a grid's ``all_results.json`` + ``all_results.npz`` back:
-    ``{"datasets", "variants", "runs": {"v/d": info}, "timing", "config",
-    "arrays": {"v/d/train_losses" | "v/d/images" | "v/d/weights": ndarray}}``."""
-    out = Path(out_dir)
-    js = out / "all_results.json"
-    if not js.is_file():
-        raise FileNotFoundError(f"out_dir: no all_results.json in {out} (run the grid first)")
-    summary = json.loads(js.read_text())
-    with np.load(out / "all_results.npz", allow_pickle=False) as z:
-        summary["arrays"] = {k: z[k] for k in z.files}
-    return summary

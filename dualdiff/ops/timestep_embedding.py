@@ -12,7 +12,10 @@ out.weight), so checkpoints load in both :class:`DualTimestepEmbedding` and
 
 Backends (``DUALDIFF_BACKEND`` / ``backend=``): ``triton`` and ``cuda`` run the whole forward in
 ONE kernel launch with the sinusoids computed in registers/shared memory (never in global
-memory); ``torch`` is the reference. On the GPU auto picks cuda, then triton (expected order:
+memory); ``torch`` is the reference. Wide layers: Triton takes two tiled launches when freq_dim
+or hidden_dim pads past 256 (``kernels.timestep_embedding.use_fused``); the CUDA kernel moves its
+per-block workspace to a global scratch buffer when it exceeds the device's shared memory per
+block (hidden past ~2300 on an H100). Launches run on the weights' device and its current stream. On the GPU auto picks cuda, then triton (expected order:
 the cuda launch is one pybind call, the leanest host path; confirm with
 benchmarks/bench_timestep_embedding.py on the GPU); on the CPU, torch (no C++ CPU kernel: two
 tiny MLPs are matmuls that ATen's BLAS already runs well).
@@ -155,6 +158,33 @@ def _launch_triton(t0, t1, ws, out, freqs, cache_key=None):
         _TRITON_LAUNCHER(cache_key, _stream(out.device), t0, t1, freqs, ws, out)
 
 
+CUDA_ROWS = 8  # batch rows per block of csrc/timestep_embedding.cu (kRows)
+_SMEM_OPTIN: dict = {}
+
+
+def cuda_workspace_bytes(freq_dim: int, hidden_dim: int) -> int:
+    """fp32 workspace of one CUDA block: features, hidden and concatenation of CUDA_ROWS rows."""
+    return 4 * CUDA_ROWS * (freq_dim + 3 * hidden_dim)
+
+
+def cuda_grid(batch: int) -> int:
+    """Blocks of the CUDA kernel (1-D grid, CUDA_ROWS rows each)."""
+    return -(-batch // CUDA_ROWS)
+
+
+def _cuda_scratch(B: int, F: int, H: int, device: torch.device) -> torch.Tensor | None:
+    """A global fp32 workspace when the block's workspace exceeds the device's shared memory
+    per block (opt-in maximum: 232,448 B on H100/H200), else None (shared memory)."""
+    limit = _SMEM_OPTIN.get(device.index)
+    if limit is None:
+        limit = _SMEM_OPTIN[device.index] = torch.cuda.get_device_properties(
+            device.index).shared_memory_per_block_optin
+    need = cuda_workspace_bytes(F, H)
+    if need <= limit:
+        return None
+    return torch.empty(cuda_grid(B) * need // 4, dtype=torch.float32, device=device)
+
+
 def _launch_cuda(t0, t1, ws, out, freqs, ptrs=None):
     """CUDA kernel of dualdiff._C; ``ptrs``: the weights' data pointers if already known."""
     global _CUDA_FORWARD
@@ -162,9 +192,13 @@ def _launch_cuda(t0, t1, ws, out, freqs, ptrs=None):
         _CUDA_FORWARD = extension().timestep_embedding_forward_cuda
     if ptrs is None:
         ptrs = [w.data_ptr() for w in ws]
+    B, H = out.shape
+    F = ws[0].shape[1]
+    scratch = _cuda_scratch(B, F, H, out.device)
     _CUDA_FORWARD(t0.data_ptr(), t0.stride(0), _T_CODES[t0.dtype], t1.data_ptr(), t1.stride(0),
-                  _T_CODES[t1.dtype], freqs.data_ptr(), *ptrs, out.data_ptr(), out.shape[0],
-                  ws[0].shape[1], out.shape[1], DTYPE_CODES[out.dtype], _stream(out.device))
+                  _T_CODES[t1.dtype], freqs.data_ptr(), *ptrs, out.data_ptr(), B, F, H,
+                  DTYPE_CODES[out.dtype], 0 if scratch is None else scratch.data_ptr(),
+                  _stream(out.device))
 
 
 def _launch(backend, t0, t1, ws, out, freqs, ptrs=None, cache_key=None):
@@ -277,22 +311,22 @@ def _prepare_timesteps(t0, t1, device: torch.device):
     return t0, t1
 
 
-def _select(device_type: str, backend: str | None) -> str:
-    return select_backend("dual_timestep_embedding", device_type, SUPPORTED, PREFER, backend)
+def _select(device: torch.device, backend: str | None) -> str:
+    return select_backend("dual_timestep_embedding", device, SUPPORTED, PREFER, backend)
 
 
 _SELECTED: dict = {}
 
 
 def _select_fast(device: torch.device, backend: str | None) -> str:
-    """select_backend, memoised per (device type, argument, DUALDIFF_BACKEND) on the GPU, where
+    """select_backend, memoised per (device, argument, DUALDIFF_BACKEND) on the GPU, where
     nothing else can change the answer (on the CPU TRITON_INTERPRET matters: not memoised)."""
     if device.type != "cuda":
-        return _select(device.type, backend)
-    key = (backend, os.environ.get(ENV_VAR))
+        return _select(device, backend)
+    key = (device.index, backend, os.environ.get(ENV_VAR))
     name = _SELECTED.get(key)
     if name is None:
-        name = _SELECTED[key] = _select("cuda", backend)
+        name = _SELECTED[key] = _select(device, backend)
     return name
 
 
@@ -339,7 +373,7 @@ def _run(t0, t1, ws, backend: str | None, state: _WeightState | None):
         _check_weights(ws)
         dev = ws[0].device
         t0, t1 = _prepare_timesteps(t0, t1, dev)
-        return _dual_timestep_embedding_op(t0, t1, *ws, _select(dev.type, backend))
+        return _dual_timestep_embedding_op(t0, t1, *ws, _select(dev, backend))
     if torch._C._are_functorch_transforms_active():
         # torch.func (jvp, vmap, grad, ...): the reference composes with every transform; the
         # fused kernels have no forward-mode or batching rule.

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dualdiff._backend import DTYPE_CODES, cuda_stream, extension, select_backend
+from dualdiff._backend import DTYPE_CODES, cuda_stream, device_guard, extension, select_backend
 from dualdiff.ops._checks import FLOAT_DTYPES, check_choice, check_same_device, check_same_shape, check_tensor
 
 RECON_KINDS = ("bce", "mse")
@@ -82,7 +82,13 @@ def _scalar_outputs(device: torch.device, k: int) -> list[Tensor]:
 
 def _forward(backend: str, recon_logits: Tensor | None, x: Tensor | None, mu: Tensor,
              logvar: Tensor, kl_weight: float, mse: bool, reduction: str) -> tuple[Tensor, Tensor, Tensor]:
-    """(total, recon, kl) as [] fp32; recon_logits None: KL only (total, recon left unwritten)."""
+    """(total, recon, kl) as [] fp32; recon_logits None: KL only (total, recon left unwritten).
+    Launches run on the tensors' device (made current) and its current stream."""
+    with device_guard(mu.device):
+        return _forward_here(backend, recon_logits, x, mu, logvar, kl_weight, mse, reduction)
+
+
+def _forward_here(backend, recon_logits, x, mu, logvar, kl_weight, mse, reduction):
     total, rec, kl = _scalar_outputs(mu.device, 3)
     recon_scale, kl_scale = _scales(recon_logits, mu, reduction)
     has_recon = recon_logits is not None
@@ -117,24 +123,48 @@ def _forward(backend: str, recon_logits: Tensor | None, x: Tensor | None, mu: Te
 
 
 _SM_COUNT: dict[int, int] = {}
+CUDA_THREADS = 256       # threads per block of csrc/vae_loss.cu (kThreads)
+CUDA_MAX_GRID_X = 2**31 - 1
+
+
+def cuda_forward_blocks(n: int, m: int, sm_count: int) -> tuple[int, int]:
+    """Blocks of the CUDA forward (p_r, p_k): up to 4 per SM for the image term (grid-stride,
+    4096 elements per block per step), enough for the latent term (256 per block)."""
+    cap = 4 * sm_count
+    p_r = min(cap, -(-n // 4096)) if n else 0
+    return p_r, min(cap, -(-m // CUDA_THREADS))
+
+
+def cuda_backward_blocks(n: int, m: int, element_size: int) -> tuple[int, int]:
+    """Blocks of the CUDA backward (g_r, g_k): one 16-byte pack of the image per thread, one
+    latent element per thread; raises ValueError past the 1-D grid limit."""
+    per_block = CUDA_THREADS * (16 // element_size)
+    g_r, g_k = -(-n // per_block), -(-m // CUDA_THREADS)
+    if g_r + g_k > CUDA_MAX_GRID_X:
+        raise ValueError(f"vae_loss: {n} image and {m} latent elements need {g_r + g_k} CUDA "
+                         f"blocks, over the grid limit {CUDA_MAX_GRID_X}")
+    return g_r, g_k
 
 
 def _cuda_partial_counts(n: int, m: int, device: torch.device) -> tuple[int, int]:
-    """Blocks of the CUDA forward: up to 4 per SM for the image term (grid-stride, 4096
-    elements per block per step), enough for the latent term (256 per block)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _SM_COUNT:
         _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    cap = 4 * _SM_COUNT[index]
-    p_r = min(cap, -(-n // 4096)) if n else 0
-    p_k = min(cap, -(-m // 256))
-    return p_r, p_k
+    return cuda_forward_blocks(n, m, _SM_COUNT[index])
 
 
 def _backward(backend: str, recon_logits: Tensor | None, x: Tensor | None, mu: Tensor,
               logvar: Tensor, g_total: Tensor | None, g_recon: Tensor | None, g_kl: Tensor,
               kl_weight: float, mse: bool, reduction: str) -> tuple[Tensor | None, Tensor, Tensor]:
-    """(d/d recon_logits, d/d mu, d/d logvar); upstream gradients are [] fp32 on the device."""
+    """(d/d recon_logits, d/d mu, d/d logvar); upstream gradients are [] fp32 on the device.
+    Launches run on the tensors' device (made current) and its current stream."""
+    with device_guard(mu.device):
+        return _backward_here(backend, recon_logits, x, mu, logvar, g_total, g_recon, g_kl,
+                              kl_weight, mse, reduction)
+
+
+def _backward_here(backend, recon_logits, x, mu, logvar, g_total, g_recon, g_kl, kl_weight, mse,
+                   reduction):
     has_recon = recon_logits is not None
     recon_scale, kl_scale = _scales(recon_logits, mu, reduction)
     if backend == "triton":
@@ -162,9 +192,12 @@ def _backward(backend: str, recon_logits: Tensor | None, x: Tensor | None, mu: T
     if backend == "cuda":
         g_l = _empty_like(recon_logits) if has_recon else None
         g_mu, g_lv = _empty_like(mu), _empty_like(logvar)
+        n = recon_logits.numel() if has_recon else 0
+        g_r, g_k = cuda_backward_blocks(n, mu.numel(),
+                                        (recon_logits if has_recon else mu).element_size())
         extension().vae_loss_backward_cuda(
             recon_logits.data_ptr() if has_recon else 0, x.data_ptr() if has_recon else 0,
-            g_l.data_ptr() if has_recon else 0, recon_logits.numel() if has_recon else 0,
+            g_l.data_ptr() if has_recon else 0, n, g_r, g_k,
             DTYPE_CODES[recon_logits.dtype] if has_recon else DTYPE_CODES[mu.dtype],
             mu.data_ptr(), logvar.data_ptr(), g_mu.data_ptr(), g_lv.data_ptr(), mu.numel(),
             DTYPE_CODES[mu.dtype], g_total.data_ptr() if has_recon else 0,

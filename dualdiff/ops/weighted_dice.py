@@ -7,18 +7,23 @@ For logits ``x`` of shape ``[B, C, *spatial]`` and a target ``g`` of the same sh
     P[b, c]  = sum_s p        (squared_pred: sum_s p**2)
     G[b, c]  = sum_s g        (squared_pred: sum_s g**2)
     dice     = 1 - (2 * I + smooth_nr) / (P + G + smooth_dr)
-    loss     = reduce_{b, c >= c0} weight[b] * dice[b, c]     (c0 = 0, or 1 without background)
+    w[b, c]  = weight[b] ([B] weight) | weight[b, c] ([B, C] weight) | 1 (no weight)
+    loss     = reduce_{b, c >= c0} w[b, c] * dice[b, c]     (c0 = 0, or 1 without background)
 
-reduction "mean" | "sum" | "none" (-> ``[B, C - c0]``). With ``weight=None`` this is MONAI's
-``DiceLoss(sigmoid=..., softmax=..., include_background=..., squared_pred=..., smooth_nr=...,
-smooth_dr=..., reduction=...)``. The gradient flows to ``input`` (and to ``weight`` when it
-requires grad).
+reduction "mean" | "sum" | "none" (-> ``[B, C - c0]``). A ``[B, C]`` weight indexes all C
+channels, also without background (its column 0 is then unused). With ``weight=None`` this is
+MONAI's ``DiceLoss(sigmoid=..., softmax=..., include_background=..., squared_pred=...,
+smooth_nr=..., smooth_dr=..., reduction=...)``. The gradient flows to ``input`` and, when it
+requires grad, to ``weight`` (``dL/dw[b, c] = dL/dloss[b, c] * dice[b, c]``, summed over c for
+a ``[B]`` weight; zero in the unused background column).
 
 Fused plan (triton / cuda / cpp): the forward is one pass over logits and target that
 accumulates per-(b, c) partial sums of p*g, p (or p²), g (or g²) over spatial chunks, then a
 tiny deterministic second stage that adds the partials in a fixed order and computes the loss
 on the device (no host sync). The backward is one elementwise pass that recomputes p from the
-logits and uses the saved per-(b, c) sums; p is never stored.
+logits and uses the saved per-(b, c) sums; p is never stored. The cpp and cuda kernels share
+their element math (csrc/weighted_dice_math.h). GPU launches run on the tensors' device and its
+current stream, whatever the current device.
 """
 from __future__ import annotations
 
@@ -28,7 +33,14 @@ from typing import Optional
 
 import torch
 
-from dualdiff._backend import DTYPE_CODES, cuda_stream, extension, select_backend
+from dualdiff._backend import (
+    DTYPE_CODES,
+    cuda_stream,
+    device_guard,
+    extension,
+    forced_backend,
+    select_backend,
+)
 from dualdiff.ops._checks import (
     FLOAT_DTYPES,
     check_choice,
@@ -48,7 +60,10 @@ PREFER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
 # Integer codes shared with kernels/weighted_dice.py and csrc/weighted_dice.{cpp,cu}.
 ACT_CODES = {"sigmoid": 0, "softmax": 1, "none": 2}
 RED_CODES = {"none": 0, "mean": 1, "sum": 2}
-CUDA_SOFTMAX_MAX_C = 32
+CUDA_SOFTMAX_MAX_C = 32     # the cuda kernels' largest softmax channel bucket
+TRITON_SOFTMAX_MAX_C = 256  # kernels/weighted_dice.py MAX_SOFTMAX_C (one C-wide tile per program)
+CUDA_CHUNK_TILE = 1024      # pixels per cuda forward block iteration (256 threads x 4)
+_SOFTMAX_MAX_C = {"cuda": CUDA_SOFTMAX_MAX_C, "triton": TRITON_SOFTMAX_MAX_C}
 
 
 # ----------------------------------------------------------------------------- reference
@@ -76,15 +91,15 @@ def weighted_dice_loss_reference(
     else:
         p = x
     g = target.to(p.dtype)
-    if not include_background and p.shape[1] > 1:
-        p, g = p[:, 1:], g[:, 1:]
+    c0 = _c0(p.shape[1], include_background)
+    p, g = p[:, c0:], g[:, c0:]
     dims = tuple(range(2, p.dim()))
     inter = (p * g).sum(dims)
     psum = (p * p).sum(dims) if squared_pred else p.sum(dims)
     gsum = (g * g).sum(dims) if squared_pred else g.sum(dims)
     dice = 1.0 - (2.0 * inter + smooth_nr) / (psum + gsum + smooth_dr)
     if weight is not None:
-        dice = dice * weight.to(dice.dtype)[:, None]
+        dice = dice * _weight_for_dice(weight.to(dice.dtype), c0)
     if reduction == "mean":
         return dice.mean()
     if reduction == "sum":
@@ -95,6 +110,11 @@ def weighted_dice_loss_reference(
 # ----------------------------------------------------------------------------- backends
 def _c0(C: int, include_background: bool) -> int:
     return 0 if include_background or C == 1 else 1
+
+
+def _weight_for_dice(weight: torch.Tensor, c0: int) -> torch.Tensor:
+    """A [B] or [B, C] weight as a factor of the [B, C - c0] dice: [B, 1] or [B, C - c0]."""
+    return weight[:, None] if weight.dim() == 1 else weight[:, c0:]
 
 
 def _loss_shape(B: int, C: int, c0: int, reduction: str) -> tuple[int, ...]:
@@ -115,7 +135,7 @@ def _dice_from_sums(sums, weight, c0, smooth_nr, smooth_dr):
     """[B, C - c0] weighted dice (fp32) from [3, B, C] sums."""
     inter, psum, gsum = sums[0, :, c0:], sums[1, :, c0:], sums[2, :, c0:]
     dice = 1.0 - (2.0 * inter + smooth_nr) / (psum + gsum + smooth_dr)
-    return dice if weight is None else dice * weight.float()[:, None]
+    return dice if weight is None else dice * _weight_for_dice(weight.float(), c0)
 
 
 def _forward_torch(x, g, weight, activation, c0, squared_pred, smooth_nr, smooth_dr, reduction):
@@ -149,7 +169,7 @@ def _coefficients(grad, weight, sums, c0, smooth_nr, smooth_dr, reduction):
     else:
         k[:, c0:] = grad.float() / (B * (C - c0) if reduction == "mean" else 1.0)
     if weight is not None:
-        k = k * weight.float()[:, None]
+        k = k * (weight.float()[:, None] if weight.dim() == 1 else weight.float())
     num = 2.0 * sums[0] + smooth_nr
     den = sums[1] + sums[2] + smooth_dr
     return -2.0 * k / den, k * num / (den * den)
@@ -157,6 +177,11 @@ def _coefficients(grad, weight, sums, c0, smooth_nr, smooth_dr, reduction):
 
 def _target_for_kernel(g: torch.Tensor) -> torch.Tensor:
     return g.view(torch.uint8) if g.dtype == torch.bool else g
+
+
+def _weight_args(weight: Optional[torch.Tensor]) -> tuple[int, bool]:
+    """(data pointer or 0, per-channel flag) of a [B] / [B, C] fp32 weight for dualdiff._C."""
+    return (0, False) if weight is None else (weight.data_ptr(), weight.dim() == 2)
 
 
 def _forward_triton(x, g, weight, activation, c0, squared_pred, smooth_nr, smooth_dr, reduction):
@@ -194,7 +219,7 @@ def _forward_cpp(x, g, weight, activation, c0, squared_pred, smooth_nr, smooth_d
     loss = torch.empty(_loss_shape(B, C, c0, reduction), dtype=torch.float32)
     sums = torch.empty(3, B, C, dtype=torch.float32)
     extension().weighted_dice_fwd_cpu(
-        xf.data_ptr(), gk.data_ptr(), DTYPE_CODES[gk.dtype], 0 if weight is None else weight.data_ptr(),
+        xf.data_ptr(), gk.data_ptr(), DTYPE_CODES[gk.dtype], *_weight_args(weight),
         sums.data_ptr(), loss.data_ptr(), B, C, S, ACT_CODES[activation], squared_pred, c0,
         float(smooth_nr), float(smooth_dr), RED_CODES[reduction])
     return loss, sums
@@ -206,32 +231,41 @@ def _backward_cpp(grad, x, g, weight, sums, activation, c0, squared_pred, smooth
     grad = grad.float().contiguous()
     dx = torch.empty_like(xf)
     extension().weighted_dice_bwd_cpu(
-        xf.data_ptr(), gk.data_ptr(), DTYPE_CODES[gk.dtype], 0 if weight is None else weight.data_ptr(),
+        xf.data_ptr(), gk.data_ptr(), DTYPE_CODES[gk.dtype], *_weight_args(weight),
         sums.data_ptr(), grad.data_ptr(), dx.data_ptr(), B, C, S, ACT_CODES[activation], squared_pred, c0,
         float(smooth_nr), float(smooth_dr), RED_CODES[reduction])
     return dx.to(x.dtype)
 
 
-def _cuda_chunks(rows: int, S: int, device: torch.device) -> tuple[int, int]:
-    """(n_chunks, chunk) splitting the spatial axis so that about 4 blocks run per SM."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    tile = 1024  # pixels per block iteration (256 threads x 4)
-    n = max(1, min(math.ceil(4 * sms / rows), math.ceil(S / tile)))
-    chunk = math.ceil(math.ceil(S / n) / tile) * tile
-    return math.ceil(S / chunk), chunk
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def cuda_chunks(groups: int, S: int, sms: int) -> tuple[int, int]:
+    """(n_chunks, chunk) of the cuda forward for ``groups`` row groups of S pixels on ``sms``
+    SMs: about 4 blocks per SM; n_chunks <= 4 * sms (it is gridDim.y: <= 65535 for any GPU),
+    chunk a multiple of CUDA_CHUNK_TILE, n_chunks * chunk >= S. The grids themselves are
+    dualdiff._C.weighted_dice_cuda_grid (csrc/weighted_dice_math.h)."""
+    n = max(1, min(_cdiv(4 * sms, groups), _cdiv(S, CUDA_CHUNK_TILE)))
+    chunk = _cdiv(_cdiv(S, n), CUDA_CHUNK_TILE) * CUDA_CHUNK_TILE
+    return _cdiv(S, chunk), chunk
+
+
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _forward_cuda(x, g, weight, activation, c0, squared_pred, smooth_nr, smooth_dr, reduction):
     B, C, S = x.shape
     gk = _target_for_kernel(g)
-    rows = B if activation == "softmax" else B * C
-    n_chunks, chunk = _cuda_chunks(rows, S, x.device)
+    groups = B if activation == "softmax" else B * C
+    n_chunks, chunk = cuda_chunks(groups, S, _num_sms(x.device))
     partials = torch.empty(B * C, n_chunks, 3, dtype=torch.float32, device=x.device)
     loss = torch.empty(_loss_shape(B, C, c0, reduction), dtype=torch.float32, device=x.device)
     sums = torch.empty(3, B, C, dtype=torch.float32, device=x.device)
     extension().weighted_dice_fwd_cuda(
         x.data_ptr(), DTYPE_CODES[x.dtype], gk.data_ptr(), DTYPE_CODES[gk.dtype],
-        0 if weight is None else weight.data_ptr(), partials.data_ptr(), n_chunks, chunk,
+        *_weight_args(weight), partials.data_ptr(), n_chunks, chunk,
         sums.data_ptr(), loss.data_ptr(), B, C, S, ACT_CODES[activation], squared_pred, c0,
         float(smooth_nr), float(smooth_dr), RED_CODES[reduction], cuda_stream(x.device))
     return loss, sums
@@ -244,7 +278,7 @@ def _backward_cuda(grad, x, g, weight, sums, activation, c0, squared_pred, smoot
     dx = torch.empty_like(x)
     extension().weighted_dice_bwd_cuda(
         x.data_ptr(), DTYPE_CODES[x.dtype], gk.data_ptr(), DTYPE_CODES[gk.dtype],
-        0 if weight is None else weight.data_ptr(), sums.data_ptr(), grad.data_ptr(), dx.data_ptr(),
+        *_weight_args(weight), sums.data_ptr(), grad.data_ptr(), dx.data_ptr(),
         B, C, S, ACT_CODES[activation], squared_pred, c0, float(smooth_nr), float(smooth_dr),
         RED_CODES[reduction], cuda_stream(x.device))
     return dx
@@ -252,6 +286,20 @@ def _backward_cuda(grad, x, g, weight, sums, activation, c0, squared_pred, smoot
 
 _FORWARD = {"torch": _forward_torch, "triton": _forward_triton, "cpp": _forward_cpp, "cuda": _forward_cuda}
 _BACKWARD = {"torch": _backward_torch, "triton": _backward_triton, "cpp": _backward_cpp, "cuda": _backward_cuda}
+
+
+# Triton and dualdiff._C launch on the current device (Triton with that device's current stream),
+# so every launch runs under device_guard(x.device): tensors on cuda:1 need cuda:1 current.
+def _forward(backend, x, g, weight, *cfg):
+    """(loss, sums) on ``backend``, launched on x's device."""
+    with device_guard(x.device):
+        return _FORWARD[backend](x, g, weight, *cfg)
+
+
+def _backward_input(backend, grad, x, g, weight, sums, *cfg):
+    """dL/dx on ``backend``, launched on x's device."""
+    with device_guard(x.device):
+        return _BACKWARD[backend](grad, x, g, weight, sums, *cfg)
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -268,8 +316,8 @@ def _weighted_dice_op(
     smooth_dr: float,
     reduction: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """input, target: [B, C, S] contiguous; weight: [B] fp32 or None. Returns (loss, sums [3, B, C])."""
-    return _FORWARD[backend](input, target, weight, activation, c0, squared_pred, smooth_nr, smooth_dr, reduction)
+    """input, target: [B, C, S] contiguous; weight: [B] or [B, C] fp32 or None. Returns (loss, sums [3, B, C])."""
+    return _forward(backend, input, target, weight, activation, c0, squared_pred, smooth_nr, smooth_dr, reduction)
 
 
 @_weighted_dice_op.register_fake
@@ -295,8 +343,8 @@ def _weighted_dice_backward_op(
     reduction: str,
 ) -> torch.Tensor:
     """dL/d input ([B, C, S], input's dtype) from the upstream grad of the loss and the saved sums."""
-    return _BACKWARD[backend](grad, input, target, weight, sums, activation, c0, squared_pred,
-                              smooth_nr, smooth_dr, reduction)
+    return _backward_input(backend, grad, input, target, weight, sums, activation, c0, squared_pred,
+                           smooth_nr, smooth_dr, reduction)
 
 
 @_weighted_dice_backward_op.register_fake
@@ -305,12 +353,15 @@ def _(grad, input, target, weight, sums, backend, activation, c0, squared_pred, 
 
 
 def _weight_grad(grad_loss, sums, weight, c0, smooth_nr, smooth_dr, reduction):
-    """dL/dw[b] = sum_c dL/dloss[b, c] * dice[b, c]: a [B, C] computation on the saved sums."""
+    """dL/dw: dL/dloss[b, c] * dice[b, c] (a [B, C] computation on the saved sums), summed over c
+    for a [B] weight; for a [B, C] weight the dropped background column gets 0."""
     dice = _dice_from_sums(sums, None, c0, smooth_nr, smooth_dr)
     gd = grad_loss * dice
     if reduction == "mean":
         gd = gd / dice.numel()
-    return gd.sum(1).to(weight.dtype)
+    if weight.dim() == 1:
+        return gd.sum(1).to(weight.dtype)
+    return torch.nn.functional.pad(gd, (c0, 0)).to(weight.dtype)
 
 
 def _setup_context(ctx, inputs, output):
@@ -342,8 +393,8 @@ class _WeightedDiceEager(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, target, weight, backend, activation, c0, squared_pred, smooth_nr, smooth_dr, reduction):
-        loss, sums = _FORWARD[backend](input, target, weight, activation, c0, squared_pred, smooth_nr,
-                                       smooth_dr, reduction)
+        loss, sums = _forward(backend, input, target, weight, activation, c0, squared_pred, smooth_nr,
+                              smooth_dr, reduction)
         ctx.save_for_backward(input, target, weight, sums)
         ctx.cfg = (backend, activation, c0, squared_pred, smooth_nr, smooth_dr, reduction)
         return loss
@@ -354,8 +405,8 @@ class _WeightedDiceEager(torch.autograd.Function):
         backend, activation, c0, squared_pred, smooth_nr, smooth_dr, reduction = ctx.cfg
         grad_input = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_input = _BACKWARD[backend](grad_loss, input, target, weight, sums, activation, c0, squared_pred,
-                                            smooth_nr, smooth_dr, reduction)
+            grad_input = _backward_input(backend, grad_loss, input, target, weight, sums, activation, c0,
+                                         squared_pred, smooth_nr, smooth_dr, reduction)
         if weight is not None and ctx.needs_input_grad[2]:
             grad_weight = _weight_grad(grad_loss, sums, weight, c0, smooth_nr, smooth_dr, reduction)
         return grad_input, None, grad_weight, None, None, None, None, None, None, None
@@ -381,7 +432,11 @@ def weighted_dice_loss(
         input: logits ``[B, C, *spatial]`` (2-D or 3-D spatial, or any number >= 1 of spatial
             dims), float32, bfloat16 or float16. Non-contiguous input is copied.
         target: same shape; float32/float16/bfloat16, bool or uint8 (values used as numbers).
-        weight: ``[B]`` per-sample weights (e.g. λ(t_b)), floating, or None (all ones).
+        weight: ``[B]`` per-sample weights (e.g. λ(t_b)), ``[B, C]`` per sample and channel
+            (``weight[b, c]`` scales ``dice[b, c]``; it indexes all C channels, also with
+            ``include_background=False``, whose column 0 is then unused), or None (all ones).
+            Floating (fp32/bf16/fp16; used in fp32), on input's device. If it requires grad,
+            it gets ``dL/dweight``.
         activation: "sigmoid" | "softmax" (over C; needs C >= 2) | "none".
         include_background: False drops channel 0 from the loss (ignored when C == 1, as MONAI
             does, with a warning).
@@ -405,15 +460,16 @@ def weighted_dice_loss(
     check_same_shape("input", input, "target", target)
     check_choice("activation", activation, ACTIVATIONS)
     check_choice("reduction", reduction, REDUCTIONS)
+    B, C = input.shape[0], input.shape[1]
     if weight is not None:
-        check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=1)
-        if weight.shape[0] != input.shape[0]:
-            raise ValueError(f"weight must have length B={input.shape[0]} (one per sample), got {weight.shape[0]}")
+        check_tensor("weight", weight, dtypes=FLOAT_DTYPES)
+        if tuple(weight.shape) not in ((B,), (B, C)):
+            raise ValueError(f"weight must have shape [B] = ({B},) (per sample) or [B, C] = ({B}, {C}) (per sample "
+                             f"and channel, all C channels even without background), got {tuple(weight.shape)}")
     device = check_same_device({"input": input, "target": target, "weight": weight})
     for name, v in (("smooth_nr", smooth_nr), ("smooth_dr", smooth_dr)):
         if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-    B, C = input.shape[0], input.shape[1]
     if activation == "softmax" and C == 1:
         raise ValueError("activation='softmax' needs input with C >= 2 channels (softmax over one channel "
                          "is constant 1); use activation='sigmoid'")
@@ -421,9 +477,11 @@ def weighted_dice_loss(
         warnings.warn("single channel prediction, include_background=False ignored (as in MONAI)", stacklevel=2)
     c0 = _c0(C, include_background)
     chosen = select_backend("weighted_dice_loss", device, SUPPORTED, PREFER, backend)
-    if chosen == "cuda" and activation == "softmax" and C > CUDA_SOFTMAX_MAX_C:
-        raise ValueError(f"input: the cuda backend supports softmax over at most {CUDA_SOFTMAX_MAX_C} "
-                         f"channels, got C={C}; use the triton or torch backend")
+    if activation == "softmax" and C > _SOFTMAX_MAX_C.get(chosen, C):
+        if backend not in (None, "auto") or forced_backend() is not None:
+            raise ValueError(f"input: the {chosen} backend supports softmax over at most "
+                             f"{_SOFTMAX_MAX_C[chosen]} channels, got C={C}; use the torch backend")
+        chosen = "torch"  # auto: the reference handles any channel count
     x = input.contiguous().view(B, C, -1)
     g = target.contiguous().view(B, C, -1)
     w = None if weight is None else weight.float().contiguous()

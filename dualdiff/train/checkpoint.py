@@ -21,7 +21,7 @@ import torch
 
 __all__ = ["CheckpointError", "FORMAT", "VERSION", "atomic_save", "save_checkpoint",
            "load_checkpoint", "list_checkpoints", "latest_checkpoint", "prune_checkpoints",
-           "checkpoint_path"]
+           "checkpoint_path", "resolve_checkpoint"]
 
 FORMAT = "dualdiff.train.checkpoint"
 VERSION = 1
@@ -98,6 +98,23 @@ def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
     ckpts = list_checkpoints(directory)
     return ckpts[-1] if ckpts else None
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint file from a file, a run directory or its ``checkpoints`` folder (latest).
+
+    Raises ``FileNotFoundError`` (a user error on the CLI) naming the path when there is none.
+    """
+    p = Path(path)
+    if p.is_dir():
+        for d in (p, p / "checkpoints"):
+            found = latest_checkpoint(d)
+            if found is not None:
+                return found
+        raise FileNotFoundError(f"no checkpoint (step_*.pt) in {str(p)!r} or {str(p / 'checkpoints')!r}")
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint {str(p)!r} does not exist")
+    return p
 
 
 def prune_checkpoints(directory: str | os.PathLike, keep_last: int) -> list[Path]:

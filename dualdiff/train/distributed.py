@@ -6,6 +6,7 @@ process group once. A single process (no WORLD_SIZE or WORLD_SIZE=1) needs nothi
 """
 from __future__ import annotations
 
+import datetime
 import os
 from typing import Any
 
@@ -46,11 +47,13 @@ def default_device(device: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(backend: str | None = None, device: torch.device | None = None) -> bool:
+def init_distributed(backend: str | None = None, device: torch.device | None = None,
+                     timeout: datetime.timedelta | None = None) -> bool:
     """Initialise the process group from torchrun's environment when WORLD_SIZE > 1.
 
     Returns True when running distributed. ``backend`` defaults to NCCL on CUDA devices and
-    gloo otherwise. Calling it again is a no-op.
+    gloo otherwise; ``timeout``: how long collectives (a :func:`barrier`) wait for the other
+    ranks (None: torch's default). Calling it again is a no-op.
     """
     if is_distributed():
         return True
@@ -68,6 +71,8 @@ def init_distributed(backend: str | None = None, device: torch.device | None = N
     if device.type == "cuda":
         torch.cuda.set_device(device)
     kwargs: dict[str, Any] = {}
+    if timeout is not None:
+        kwargs["timeout"] = timeout
     if backend == "nccl" and device.type == "cuda":
         kwargs["device_id"] = device
     dist.init_process_group(backend=backend, **kwargs)
@@ -75,6 +80,7 @@ def init_distributed(backend: str | None = None, device: torch.device | None = N
 
 
 def barrier() -> None:
+    """Wait until every rank gets here (no-op in a single process)."""
     if is_distributed():
         dist.barrier()
 

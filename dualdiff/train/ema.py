@@ -32,6 +32,18 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def _select(gate: torch.Tensor, on: list[torch.Tensor],
+            off: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``on[i] if gate else off[i]`` for every i, on the device and exact for finite values
+    (``x * 1 + y * 0 == x``), in a few foreach launches instead of one ``where`` per tensor."""
+    if not all(t.is_floating_point() for t in on):
+        return [torch.where(gate, a, b) for a, b in zip(on, off)]
+    g = gate.to(torch.float32)
+    out = torch._foreach_mul(on, g)
+    torch._foreach_add_(out, torch._foreach_mul(off, 1.0 - g))
+    return out
+
+
 class EMA:
     """EMA copy of a model: ``ema.model`` is a frozen module usable for eval and sampling."""
 
@@ -60,26 +72,34 @@ class EMA:
         return params, buffers
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> bool:
+    def update(self, model: nn.Module, step: int, gate: torch.Tensor | None = None) -> bool:
         """Call after the optimizer step that made the weights of training step ``step``
-        (1-based). Returns True when the average changed."""
+        (1-based). Returns True when the average was (or, with ``gate``, may have been)
+        updated.
+
+        ``gate``: an optional 0-d bool tensor on the weights' device; where it is False the
+        parameter average is left exactly as it was (the Trainer passes its device-side
+        "this step was applied" flag, so a skipped step is not absorbed, without a host sync).
+        """
         params, buffers = self._pairs(model)
         for e, b in buffers:
             e.copy_(b)
-        if step <= self.warmup_steps:
-            for e, p in params:
-                e.copy_(p.detach())
-            return True
-        if step % self.update_every != 0:
+        warm = step <= self.warmup_steps
+        if not warm and step % self.update_every != 0:
             return False
-        float_pairs = [(e, p.detach()) for e, p in params if e.is_floating_point()]
-        for e, p in params:
+        es = [e for e, _ in params]
+        ps = [p.detach() if p.dtype == e.dtype else p.detach().to(e.dtype) for e, p in params]
+        if gate is not None:
+            ps = _select(gate, ps, es)
+        if warm:
+            torch._foreach_copy_(es, ps)
+            return True
+        floats = [(e, p) for e, p in zip(es, ps) if e.is_floating_point()]
+        for e, p in zip(es, ps):
             if not e.is_floating_point():
                 e.copy_(p)
-        if float_pairs:
-            es = [e for e, _ in float_pairs]
-            ps = [p.to(e.dtype) for e, p in float_pairs]
-            torch._foreach_lerp_(es, ps, 1.0 - self.decay)
+        if floats:
+            torch._foreach_lerp_([e for e, _ in floats], [p for _, p in floats], 1.0 - self.decay)
         self.num_updates += 1
         return True
 

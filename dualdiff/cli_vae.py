@@ -1,0 +1,148 @@
+"""``dualdiff vae ...``: train | loo | sweep | plot | demo (the β-VAE experiment).
+
+    dualdiff vae train --out-dir runs/vae [preset=tiny] [key=value ...]   # any VAEConfig key
+    dualdiff vae loo   --out-dir runs/vae-loo preset=tiny                # one model per held-out environment
+    dualdiff vae sweep --out-dir runs/vae-sweep preset=tiny [--kl-weights 5e-5,1e-4,5e-4]
+    dualdiff vae plot  --out-dir runs/vae                                # redraw a run / sweep / loo folder
+    dualdiff vae demo  [--out-dir runs/vae-demo]                         # tiny preset, a few CPU minutes
+    dualdiff vae train --out-dir runs/ae model.arch=conv_kl ...         # the spatial KL autoencoder (ldm)
+
+Wired into the main command by ``register_vae_commands(subparsers)``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+from pathlib import Path
+
+__all__ = ["register_vae_commands"]
+
+
+@contextlib.contextmanager
+def _data_errors():
+    """Unusable data (empty folder, subset too large) is the user's mistake: one-line error."""
+    from dualdiff.cli_common import UserError
+    from dualdiff.data.fundus import DatasetError
+
+    try:
+        yield
+    except DatasetError as e:
+        raise UserError(str(e)) from e
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _print_metrics(name: str, m: dict) -> None:
+    keys = ("psnr", "ssim", "highpass_rel_error", "active_units", "accuracy")
+    print(f"{name}: " + "  ".join(f"{k} {_fmt(m.get(k))}" for k in keys if k in m))
+    if "accuracy_per_env" in m:
+        print("  accuracy per environment: " + "  ".join(f"{e} {a:.3f}" for e, a in m["accuracy_per_env"].items()))
+
+
+def _train(args) -> int:
+    from dualdiff.cli_common import config_from_args
+    from dualdiff.experiments.vae import train_vae
+
+    cfg = config_from_args(args)
+    with _data_errors():
+        res = train_vae(cfg, args.out_dir, resume=args.resume)
+    m = res["metrics"]
+    _print_metrics("val", m["val"])
+    if "test" in m:
+        _print_metrics(f"test ({m['test_env']})", m["test"])
+    print(f"outputs in {res['out_dir']}")
+    return 0
+
+
+def _loo(args) -> int:
+    from dualdiff.cli_common import config_from_args
+    from dualdiff.experiments.vae import loo_vae
+
+    cfg = config_from_args(args)
+    with _data_errors():
+        summary = loo_vae(cfg, args.out_dir, resume=args.resume)
+    print(f"{'held out':12s} {'test acc':>9s} {'val acc':>9s} {'test PSNR':>10s}")
+    for env, s in summary.items():
+        print(f"{env:12s} {_fmt(s['test_accuracy']):>9s} {_fmt(s['val_accuracy']):>9s} {_fmt(s['test_psnr']):>10s}")
+    print(f"loo.json, loo.png in {args.out_dir}")
+    return 0
+
+
+def _sweep(args) -> int:
+    from dualdiff.cli_common import UserError, config_from_args
+    from dualdiff.experiments.vae import sweep_vae
+
+    try:
+        weights = [float(w) for w in args.kl_weights.split(",") if w.strip()]
+    except ValueError as e:
+        raise UserError(f"--kl-weights must be comma-separated floats, got {args.kl_weights!r}") from e
+    if not weights or min(weights) < 0:
+        raise UserError(f"--kl-weights must be non-negative floats, got {args.kl_weights!r}")
+    cfg = config_from_args(args)
+    with _data_errors():
+        summary = sweep_vae(cfg, args.out_dir, kl_weights=weights, resume=args.resume)
+    print(f"{'kl_weight':>10s} {'PSNR':>8s} {'SSIM':>8s} {'HP err':>8s} {'active':>7s}")
+    for w, m in summary.items():
+        print(f"{w:>10s} {_fmt(m['psnr']):>8s} {_fmt(m['ssim']):>8s} {_fmt(m['highpass_rel_error']):>8s} "
+              f"{_fmt(m['active_units']):>7s}")
+    print(f"sweep.json, sweep.png in {args.out_dir}")
+    return 0
+
+
+def _plot(args) -> int:
+    from dualdiff.experiments.vae import plot_vae
+
+    for p in plot_vae(args.out_dir):
+        print(f"wrote {p}")
+    return 0
+
+
+def _demo(args) -> int:
+    from dualdiff.cli_common import config_from_args
+    from dualdiff.experiments.vae import demo_vae
+
+    cfg = config_from_args(args)
+    t0 = time.perf_counter()
+    with _data_errors():
+        res = demo_vae(args.out_dir, cfg)
+    print(f"{'step':>5s} {'beta':>6s} {'recon':>8s} {'KL/dim':>8s} {'CE':>7s} {'total':>8s}")
+    for r in res["table"]:
+        print(f"{r['step']:5d} {r['beta']:6.3f} {r['recon']:8.4f} {r['kl']:8.4f} {r['ce']:7.4f} {r['loss']:8.4f}")
+    _print_metrics("val", res["metrics"]["val"])
+    out = Path(res["out_dir"])
+    grids = sorted(out.glob("recon_*/grid.png"))
+    print(f"{time.perf_counter() - t0:.1f} s; reconstruction grids: {', '.join(str(g) for g in grids)}; "
+          f"curves: {out / 'training.png'}")
+    return 0
+
+
+def register_vae_commands(subparsers) -> argparse.ArgumentParser:
+    """Add ``vae`` with train | loo | sweep | plot | demo to an ``add_subparsers()`` object."""
+    from dualdiff.cli_common import add_run_options
+    from dualdiff.experiments.vae import SWEEP_KL_WEIGHTS, VAE_PRESETS, VAEConfig
+
+    vae = subparsers.add_parser("vae", help="β-VAE with KL annealing on fundus domains (and the conv_kl autoencoder)",
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = vae.add_subparsers(dest="vae_command", required=True)
+    p = sub.add_parser("train", help="train one model (preset=tiny|default, key=value overrides)")
+    add_run_options(p, VAEConfig, presets=VAE_PRESETS, default_preset="default")
+    p.set_defaults(func=_train)
+    p = sub.add_parser("loo", help="leave-one-domain-out: one model per held-out environment")
+    add_run_options(p, VAEConfig, presets=VAE_PRESETS, default_preset="default")
+    p.set_defaults(func=_loo)
+    p = sub.add_parser("sweep", help="one run per kl_weight; PSNR / high-pass error / active units")
+    add_run_options(p, VAEConfig, presets=VAE_PRESETS, default_preset="default")
+    p.add_argument("--kl-weights", default=",".join(f"{w:g}" for w in SWEEP_KL_WEIGHTS),
+                   help="comma-separated kl_weight values")
+    p.set_defaults(func=_sweep)
+    p = sub.add_parser("plot", help="redraw the figures of a run, sweep or loo folder")
+    p.add_argument("--out-dir", required=True, metavar="DIR", help="the folder to plot")
+    p.set_defaults(func=_plot)
+    p = sub.add_parser("demo", help="tiny preset on the embedded fundus set, a few CPU minutes")
+    add_run_options(p, VAEConfig, presets=VAE_PRESETS, default_preset="tiny", out_dir="optional",
+                    default_out_dir="runs/vae-demo", resume=False)
+    p.set_defaults(func=_demo)
+    return vae

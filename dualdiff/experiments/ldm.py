@@ -1,0 +1,809 @@
+"""ldm experiment: latent diffusion conditioned on a mask's class distribution, with
+classifier-free guidance (lucidrains' ``classifier_free_guidance`` setup, the seed's model).
+
+Pipeline, all in one run folder ``R``:
+
+1. ``autoencoder`` — trains the vae experiment's ``conv_kl`` autoencoder on the tiles
+   (:func:`train_autoencoder` -> ``R/autoencoder/``), or ``ae.source=diffusers`` loads an
+   ``AutoencoderKL`` from a local folder (``local_files_only``).
+2. ``encode`` — encodes the train / test tiles once (posterior mean) into ``R/latents_train.pt``
+   and ``R/latents_test.pt`` (:mod:`dualdiff.data.latent_cache`), scale = the autoencoder's
+   scaling factor or 1/std of the train latents. No ``2x - 1``, no clamping.
+3. ``train`` — the shared Trainer on the cached latents: per sample t ~ U{0..T-1}, ε ~ N(0, I),
+   z_t = q_sample(z0, t, ε); the null embedding replaces the condition with probability
+   ``cond_drop_prob`` (always for tiles without a mask, :func:`drop_mask`); loss =
+   mean_b w(t_b) · mean((f(z_t, t, d, null) - target)²) with target and w from
+   :mod:`dualdiff.diffusion` (``objective`` pred_noise | pred_x0 | pred_v, ``loss_weighting``
+   none | p2 | min_snr). Adam + OneCycleLR (LR logged), EMA every 10 steps. A non-finite
+   loss is skipped and counted by the Trainer's guard (no nan_to_num).
+4. ``sample`` — DDIM over lucidrains' timestep sequence (``sampling_timesteps``, ``ddim_eta``)
+   with guidance (``cond_scale``, ``rescaled_phi``, ``remove_parallel``); the conditional and
+   null predictions come from one batched forward (:func:`guided_model_fn`). Latents are
+   decoded by the autoencoder (``z / scale``).
+5. ``eval`` — conditioning error (the stain rule on decoded samples vs the requested
+   distribution, total-variation distance, per cond_scale x rescaled_phi, with the
+   unconditional and autoencoder-round-trip rows as references), the Fréchet distance on
+   autoencoder-encoder features (pooled posterior means) against the test tiles, and the loss
+   per t quartile for every objective (the model's prediction converted to each).
+6. ``plot`` — training curves (loss, LR), loss per t quartile, conditioning error, grids.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dualdiff.config import ConfigError
+from dualdiff.models.cond_unet import ClassDistUNet, CondUNetConfig
+from dualdiff.train import TrainConfig, Trainer
+from dualdiff.utils.seed import derive_seed
+
+__all__ = ["LDMDataConfig", "LDMAEConfig", "LDMConfig", "LDM_PRESETS", "drop_mask", "LDMLoss",
+           "Codec", "load_codec", "train_autoencoder", "encode_latents", "build_trainer", "train_ldm",
+           "load_ldm", "guided_model_fn", "sample_latents", "sample_ldm", "evaluate_ldm", "plot_ldm",
+           "demo_ldm", "conditioning_error", "loss_per_quartile"]
+
+log = logging.getLogger("dualdiff.train.ldm")  # shown with the Trainer's debug output
+
+
+# ---------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class LDMDataConfig:
+    """``source``: ``embedded`` (tiles of scikit-image's immunohistochemistry image,
+    ``num_train`` / ``num_test`` crops, the right ``test_fraction`` of the columns held out) or
+    ``folder`` (``path`` with images/, masks/, optional unlabelled/; ``val_fraction`` held out,
+    the seed's 90/10). ``image_size``: tile side in pixels. ``sampling``: ``uniform`` or
+    ``class_balanced`` (the seed's cutoffs with ``balance_p``; :mod:`dualdiff.data.histology`)."""
+    source: Literal["embedded", "folder"] = "embedded"
+    path: str | None = None
+    image_size: int = 128
+    num_classes: int = 5
+    num_train: int = 512
+    num_test: int = 64
+    test_fraction: float = 0.25
+    val_fraction: float = 0.1
+    sampling: Literal["uniform", "class_balanced"] = "uniform"
+    balance_p: float = 0.5
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.source == "folder" and not self.path:
+            raise ValueError("data.path is required when data.source is 'folder'")
+        if self.image_size < 8:
+            raise ValueError(f"data.image_size must be >= 8, got {self.image_size}")
+        if self.num_classes < 2:
+            raise ValueError(f"data.num_classes must be >= 2, got {self.num_classes}")
+        if self.num_train < 1 or self.num_test < 1:
+            raise ValueError(f"data.num_train and data.num_test must be >= 1, got {self.num_train}, {self.num_test}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"data.test_fraction must be in (0, 1), got {self.test_fraction}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.balance_p <= 1.0:
+            raise ValueError(f"data.balance_p must be in [0, 1], got {self.balance_p}")
+
+
+@dataclass
+class LDMAEConfig:
+    """``source``: ``own`` (the vae experiment's ``conv_kl``, trained by ``dualdiff ldm
+    autoencoder``; ``path`` = its run folder or checkpoint, default ``<out-dir>/autoencoder``) or
+    ``diffusers`` (``AutoencoderKL`` folder at ``path``, loaded with ``local_files_only``).
+    ``scale``: ``auto`` | ``ae`` | ``std`` (:func:`dualdiff.data.latent_cache.latent_scale`).
+    The other keys configure and train the own autoencoder (kl_weight in the vae
+    experiment's per-latent-dim convention)."""
+    source: Literal["own", "diffusers"] = "own"
+    path: str | None = None
+    scale: Literal["auto", "ae", "std"] = "auto"
+    latent_channels: int = 4
+    base_channels: int = 64
+    channel_mults: list[int] = field(default_factory=lambda: [1, 2, 4])
+    downsample_factor: int = 8
+    steps: int = 3000
+    batch_size: int = 16
+    lr: float = 2e-4
+    kl_weight: float = 1e-4
+
+    def validate(self) -> None:
+        if self.source == "diffusers" and not self.path:
+            raise ValueError("ae.path (a local AutoencoderKL folder) is required when ae.source is 'diffusers'")
+        for name in ("latent_channels", "base_channels", "steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ae.{name} must be >= 1, got {getattr(self, name)}")
+        f = self.downsample_factor
+        if f < 1 or f & (f - 1) or f > 2 ** len(self.channel_mults):
+            raise ValueError(f"ae.downsample_factor must be a power of two <= 2**len(ae.channel_mults), got {f}")
+        if not (self.lr > 0 and self.kl_weight >= 0):
+            raise ValueError(f"ae.lr must be > 0 and ae.kl_weight >= 0, got {self.lr}, {self.kl_weight}")
+
+
+def _default_train() -> TrainConfig:
+    return TrainConfig(steps=100_000, batch_size=16, lr=1e-4, optimizer="adam", scheduler="onecycle",
+                       ema_decay=0.995, ema_every=10, out_dir="runs/ldm", checkpoint_every=5000,
+                       log_every=50)
+
+
+@dataclass
+class LDMConfig:
+    """The whole ldm run (module docstring). Diffusion: ``timesteps``, ``beta_schedule``,
+    ``objective`` (pred_v, the default | pred_noise | pred_x0), ``loss_weighting`` (none | p2 | min_snr;
+    ``p2_gamma``, ``p2_k``, ``min_snr_gamma``), ``cond_drop_prob``. Sampling:
+    ``sampling_timesteps``, ``ddim_eta``, ``cond_scale``, ``rescaled_phi``, ``remove_parallel``,
+    ``keep_parallel_frac``, ``num_samples``. Evaluation: ``eval_cond_scales`` x
+    ``eval_rescaled_phis``, ``eval_requests`` test masks, ``eval_samples`` per request,
+    ``eval_loss_batches`` batches of the test latents per objective.
+    Logging of shapes and values: ``train.debug`` (+ ``train.debug_batches``)."""
+    model: CondUNetConfig = field(default_factory=CondUNetConfig)
+    data: LDMDataConfig = field(default_factory=LDMDataConfig)
+    ae: LDMAEConfig = field(default_factory=LDMAEConfig)
+    train: TrainConfig = field(default_factory=_default_train)
+    timesteps: int = 1000
+    beta_schedule: Literal["linear", "cosine", "scaled_linear", "sigmoid"] = "cosine"
+    objective: str = "pred_v"  # stable without clamping latents (see the README: pred_noise + cosine)
+    loss_weighting: Literal["none", "p2", "min_snr"] = "p2"
+    p2_gamma: float = 1.0
+    p2_k: float = 1.0
+    min_snr_gamma: float = 5.0
+    cond_drop_prob: float = 0.5
+    sampling_timesteps: int = 250
+    ddim_eta: float = 1.0
+    cond_scale: float = 3.0
+    rescaled_phi: float = 0.7
+    remove_parallel: bool = True
+    keep_parallel_frac: float = 0.0
+    num_samples: int = 16
+    eval_cond_scales: list[float] = field(default_factory=lambda: [1.0, 3.0, 6.0])
+    eval_rescaled_phis: list[float] = field(default_factory=lambda: [0.0, 0.7])
+    eval_requests: int = 4
+    eval_samples: int = 8
+    eval_loss_batches: int = 4
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        from dualdiff.diffusion.objectives import OBJECTIVES, normalize_objective
+
+        try:
+            normalize_objective(self.objective)
+        except ValueError:
+            raise ValueError(f"unknown objective {self.objective!r}; choose one of {OBJECTIVES}") from None
+        self.model.validate()
+        self.data.validate()
+        self.ae.validate()
+        if self.model.num_classes != self.data.num_classes:
+            raise ValueError(f"model.num_classes ({self.model.num_classes}) must equal data.num_classes "
+                             f"({self.data.num_classes})")
+        if self.ae.source == "own" and self.model.channels != self.ae.latent_channels:
+            raise ValueError(f"model.channels ({self.model.channels}) must equal ae.latent_channels "
+                             f"({self.ae.latent_channels})")
+        if self.ae.source == "own":
+            lat = self.data.image_size // self.ae.downsample_factor
+            if self.data.image_size % self.ae.downsample_factor or lat % 2 ** (len(self.model.dim_mults) - 1):
+                raise ValueError(f"data.image_size={self.data.image_size} must be divisible by "
+                                 f"ae.downsample_factor={self.ae.downsample_factor} x "
+                                 f"2**(len(model.dim_mults)-1)={2 ** (len(self.model.dim_mults) - 1)}")
+        if not 1 <= self.sampling_timesteps <= self.timesteps:
+            raise ValueError(f"sampling_timesteps must be in [1, timesteps={self.timesteps}], got {self.sampling_timesteps}")
+        if not 0.0 <= self.cond_drop_prob <= 1.0:
+            raise ValueError(f"cond_drop_prob must be in [0, 1], got {self.cond_drop_prob}")
+        for name in ("rescaled_phi", "keep_parallel_frac"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if any(not 0.0 <= p <= 1.0 for p in self.eval_rescaled_phis):
+            raise ValueError(f"eval_rescaled_phis must be in [0, 1], got {self.eval_rescaled_phis}")
+        if self.ddim_eta < 0 or self.cond_scale < 0 or any(s < 0 for s in self.eval_cond_scales):
+            raise ValueError("ddim_eta, cond_scale and eval_cond_scales must be >= 0")
+        for name in ("num_samples", "eval_requests", "eval_samples", "eval_loss_batches", "timesteps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.p2_gamma < 0 or self.p2_k <= 0 or self.min_snr_gamma <= 0:
+            raise ValueError("p2_gamma must be >= 0, p2_k and min_snr_gamma > 0")
+
+    @classmethod
+    def from_name(cls, name: str) -> "LDMConfig":
+        """A fresh copy of the preset ``name`` (:data:`LDM_PRESETS`)."""
+        if name not in LDM_PRESETS:
+            raise ValueError(f"unknown ldm preset {name!r}; choose one of {sorted(LDM_PRESETS)}")
+        return LDM_PRESETS[name]()
+
+
+def _tiny() -> LDMConfig:
+    """32² tiles, a 4x8x8 latent (f = 4), a 0.2M-parameter UNet: the CPU demo (~2 minutes)."""
+    from dualdiff.models.cond_unet import COND_UNET_PRESETS
+
+    train = TrainConfig(steps=600, batch_size=32, lr=2e-3, optimizer="adam", scheduler="onecycle",
+                        ema_decay=0.99, ema_every=10, out_dir="runs/ldm-tiny", log_every=25,
+                        progress=False)
+    return LDMConfig(model=copy.deepcopy(COND_UNET_PRESETS["tiny"]),
+                     data=LDMDataConfig(image_size=32, num_train=512, num_test=64),
+                     ae=LDMAEConfig(base_channels=16, channel_mults=[1, 2], downsample_factor=4, steps=400,
+                                    batch_size=32, lr=2e-3),
+                     train=train, sampling_timesteps=50, eval_requests=4, eval_samples=8, num_samples=8)
+
+
+LDM_PRESETS = {"default": LDMConfig, "tiny": _tiny}
+
+
+# ---------------------------------------------------------------------------------------
+# schedule, conditioning, loss
+
+
+def _schedule(cfg: LDMConfig):
+    from dualdiff.diffusion import make_schedule
+
+    return make_schedule(cfg.beta_schedule, cfg.timesteps)
+
+
+def drop_mask(has_mask: Tensor, cond_drop_prob: float, generator: torch.Generator | None = None) -> Tensor:
+    """[B] bool: True where the sample gets the null embedding — every sample without a mask,
+    and each masked one independently with probability ``cond_drop_prob``."""
+    u = torch.rand(has_mask.shape, generator=generator, device=has_mask.device if generator is None else "cpu")
+    return (~has_mask.bool()) | (u.to(has_mask.device) < cond_drop_prob)
+
+
+class LDMLoss:
+    """``loss_fn(model, batch, step) -> (loss, {mse})`` for the Trainer; ``batch = (z0 [B, C, h, w]
+    scaled latents, dist [B, K], has_mask [B])`` (module docstring, step 3)."""
+
+    def __init__(self, cfg: LDMConfig) -> None:
+        from dualdiff.diffusion import normalize_objective
+
+        self.cfg = cfg
+        self.objective = normalize_objective(cfg.objective)
+        self.schedule = _schedule(cfg)
+
+    def __call__(self, model: nn.Module, batch, step: int):
+        from dualdiff.diffusion import loss_weight, q_sample, training_target
+
+        cfg = self.cfg
+        z0, dist, has_mask = batch
+        b = z0.shape[0]
+        if self.schedule.betas.device != z0.device:
+            self.schedule = self.schedule.to(z0.device)
+        t = torch.randint(0, cfg.timesteps, (b,), device=z0.device)
+        noise = torch.randn_like(z0)
+        z_t = q_sample(z0, t, noise, self.schedule)
+        null = drop_mask(has_mask, cfg.cond_drop_prob)
+        out = model(z_t, t, dist, null)
+        target = training_target(self.objective, z0, t, noise, self.schedule)
+        per_sample = (out.float() - target.float()).pow(2).flatten(1).mean(1)
+        w = loss_weight(t, self.schedule, self.objective, cfg.loss_weighting, p2_gamma=cfg.p2_gamma,
+                        p2_k=cfg.p2_k, min_snr_gamma=cfg.min_snr_gamma)
+        loss = (per_sample * w).mean()
+        if cfg.train.debug and step < cfg.train.debug_batches:
+            log.info("debug step %d: z0 %s mean %.4g std %.4g | t min %d max %d | null %d/%d | "
+                     "target std %.4g | output %s mean %.4g std %.4g | weight mean %.4g | loss %.4g",
+                     step, tuple(z0.shape), float(z0.mean()), float(z0.std()), int(t.min()), int(t.max()),
+                     int(null.sum()), b, float(target.std()), tuple(out.shape), float(out.detach().mean()),
+                     float(out.detach().std()), float(w.mean()), float(loss.detach()))
+        return loss, {"mse": per_sample.detach().mean()}
+
+
+# ---------------------------------------------------------------------------------------
+# data and autoencoder
+
+
+def _datasets(cfg: LDMConfig):
+    """``(train dataset, test dataset)`` of histology tile dicts."""
+    from dualdiff.data.histology import EmbeddedHistology, HistologyFolder, split_indices
+
+    d = cfg.data
+    if d.source == "embedded":
+        return (EmbeddedHistology("train", d.num_train, d.image_size, test_fraction=d.test_fraction, seed=d.seed),
+                EmbeddedHistology("test", d.num_test, d.image_size, test_fraction=d.test_fraction, seed=d.seed))
+    full = HistologyFolder(d.path, d.image_size, d.num_classes)
+    train, val = split_indices(len(full), d.val_fraction, d.seed)
+    return torch.utils.data.Subset(full, train), torch.utils.data.Subset(full, val)
+
+
+class _VAETiles(torch.utils.data.Dataset):
+    """Histology tiles as the vae experiment's items ``(normalised x, target, label 0, env 0)``."""
+    classes = ("tile",)
+    environments = ("histology",)
+
+    def __init__(self, base) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        from dualdiff.data.fundus import normalize
+
+        img = self.base[i]["image"]
+        return normalize(img), img, torch.tensor(0), torch.tensor(0)
+
+
+def _vae_config(cfg: LDMConfig, out_dir: Path):
+    from dualdiff.experiments.vae import VAEConfig, VAEModelConfig
+
+    a = cfg.ae
+    model = VAEModelConfig(arch="conv_kl", image_size=cfg.data.image_size, latent_channels=a.latent_channels,
+                           base_channels=a.base_channels, channel_mults=list(a.channel_mults),
+                           downsample_factor=a.downsample_factor)
+    train = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, optimizer="adam", out_dir=str(out_dir),
+                        log_every=max(1, min(50, a.steps // 10)), seed=cfg.train.seed, device=cfg.train.device,
+                        progress=cfg.train.progress)
+    return VAEConfig(model=model, train=train, kl_weight=a.kl_weight, anneal="none", recon="bce",
+                     eval_images=64, recon_images=8)
+
+
+def train_autoencoder(cfg: LDMConfig, out_dir: str | Path, *, resume: str | None = None) -> dict[str, Any]:
+    """Train the ``conv_kl`` autoencoder on the training tiles through the vae experiment's
+    :func:`~dualdiff.experiments.vae.train_vae` into ``out_dir/autoencoder`` (validation =
+    the test tiles). Returns train_vae's result."""
+    from dualdiff.data.fundus import DomainSplit
+    from dualdiff.experiments.vae import train_vae
+
+    if cfg.ae.source != "own":
+        raise ConfigError("dualdiff ldm autoencoder trains ae.source=own only (diffusers is loaded as is)")
+    train, test = _datasets(cfg)
+    ds = torch.utils.data.ConcatDataset([_VAETiles(train), _VAETiles(test)])
+    ds.classes, ds.environments = _VAETiles.classes, _VAETiles.environments
+    split = DomainSplit(train=list(range(len(train))), val=list(range(len(train), len(ds))), test=[])
+    ae_dir = Path(out_dir) / "autoencoder"
+    return train_vae(_vae_config(cfg, ae_dir), ae_dir, resume=resume, data=(ds, split, None))
+
+
+class Codec:
+    """Images in [0, 1] <-> unscaled latents. ``encode(x [B, 3, S, S]) -> z`` (posterior mean),
+    ``decode(z) -> x`` in [0, 1]; ``scaling_factor``: the autoencoder's (None if it has none)."""
+
+    def __init__(self, encode, decode, scaling_factor: float | None, latent_channels: int,
+                 downsample_factor: int, name: str) -> None:
+        self.encode, self.decode = encode, decode
+        self.scaling_factor, self.latent_channels = scaling_factor, latent_channels
+        self.downsample_factor, self.name = downsample_factor, name
+
+
+def _own_codec(ae: nn.Module) -> Codec:
+    from dualdiff.data.fundus import normalize
+
+    @torch.no_grad()
+    def enc(x: Tensor) -> Tensor:
+        return ae.encode(normalize(x))[0]
+
+    @torch.no_grad()
+    def dec(z: Tensor) -> Tensor:
+        return torch.sigmoid(ae.decode(z).float())
+
+    return Codec(enc, dec, float(ae.scaling_factor), ae.latent_channels, ae.downsample_factor, "own")
+
+
+def _diffusers_codec(path: str, device) -> Codec:
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"ae.path: no such folder: {path!r}")
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError as e:
+        from dualdiff.cli_common import UserError
+        raise UserError("ae.source=diffusers needs the diffusers package (pip install diffusers)") from e
+    vae = AutoencoderKL.from_pretrained(path, local_files_only=True).to(device).eval()
+
+    @torch.no_grad()
+    def enc(x: Tensor) -> Tensor:
+        return vae.encode(x * 2 - 1).latent_dist.mean  # diffusers' VAE takes images in [-1, 1]
+
+    @torch.no_grad()
+    def dec(z: Tensor) -> Tensor:
+        return ((vae.decode(z).sample.float() + 1) / 2).clamp(0, 1)
+
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    return Codec(enc, dec, float(vae.config.scaling_factor), int(vae.config.latent_channels), f, "diffusers")
+
+
+def load_codec(cfg: LDMConfig, out_dir: str | Path, device: torch.device | str = "cpu") -> Codec:
+    """The autoencoder of ``cfg.ae`` (own: ``ae.path`` or ``out_dir/autoencoder``), in eval mode."""
+    if cfg.ae.source == "diffusers":
+        return _diffusers_codec(cfg.ae.path, device)
+    from dualdiff.experiments.vae import load_vae_model
+
+    path = Path(cfg.ae.path) if cfg.ae.path else Path(out_dir) / "autoencoder"
+    if not path.exists():
+        raise FileNotFoundError(f"no autoencoder at {str(path)!r}: run `dualdiff ldm autoencoder` first "
+                                f"or set ae.path")
+    ae, vcfg = load_vae_model(path)
+    if vcfg.model.arch != "conv_kl":
+        raise ConfigError(f"ae.path {str(path)!r} holds a {vcfg.model.arch} model, not conv_kl")
+    return _own_codec(ae.to(device))
+
+
+# ---------------------------------------------------------------------------------------
+# encode, train
+
+
+def _device(cfg: LDMConfig) -> torch.device:
+    from dualdiff.train.distributed import default_device
+
+    return default_device(cfg.train.device)
+
+
+def encode_latents(cfg: LDMConfig, out_dir: str | Path, *, verbose: bool = True) -> dict[str, Path]:
+    """Encode the train and test tiles once into ``out_dir/latents_{train,test}.pt`` (scale from
+    the train latents); prints the class counts. Returns the two paths."""
+    from dualdiff.data.histology import describe_classes
+    from dualdiff.data.latent_cache import LatentCache, encode_dataset, latent_scale
+
+    out = Path(out_dir)
+    device = _device(cfg)
+    datasets = _datasets(cfg)  # data mistakes first: they need no autoencoder
+    codec = load_codec(cfg, out, device)
+    if codec.latent_channels != cfg.model.channels:
+        raise ConfigError(f"the autoencoder has {codec.latent_channels} latent channels but model.channels="
+                         f"{cfg.model.channels}")
+    paths = {}
+    scale = None
+    for name, ds in zip(("train", "test"), datasets):
+        z, d, m = encode_dataset(codec.encode, ds, batch_size=cfg.train.batch_size, device=device)
+        if scale is None:
+            scale = latent_scale(z, codec.scaling_factor, cfg.ae.scale)
+        if verbose:
+            print(f"{name}: {len(z)} tiles -> latents {tuple(z.shape[1:])}, scale {scale:.4g}")
+            print(describe_classes(d, m))
+        meta = {"split": name, "ae": codec.name, "image_size": cfg.data.image_size, "source": cfg.data.source}
+        paths[name] = LatentCache(z, d, m, scale, meta).save(out / f"latents_{name}.pt")
+    return paths
+
+
+def _train_data(cfg: LDMConfig, cache):
+    """The Trainer's data: a TensorDataset (uniform) or ``fn(index, generator)`` (class-balanced)."""
+    z, d, m = cache.scaled, cache.dist, cache.has_mask
+    if cfg.data.sampling == "uniform":
+        return torch.utils.data.TensorDataset(z, d, m)
+    from dualdiff.data.histology import balanced_indices
+
+    def batch(index: int, g: torch.Generator):
+        idx = balanced_indices(d, cfg.train.batch_size, cfg.data.balance_p, g)
+        return z[idx], d[idx], m[idx]
+
+    return batch
+
+
+def build_trainer(cfg: LDMConfig, out_dir: str | Path, *, resume: str | None = None, cache=None,
+                  model: nn.Module | None = None) -> Trainer:
+    """The Trainer of step 3 on ``cache`` (default: ``out_dir/latents_train.pt``)."""
+    from dualdiff.data.latent_cache import LatentCache
+
+    cfg.validate()
+    out = Path(out_dir)
+    cache = cache if cache is not None else LatentCache.load(out / "latents_train.pt")
+    if cache.latents.shape[1] != cfg.model.channels:
+        raise ConfigError(f"the latent cache has {cache.latents.shape[1]} channels, model.channels="
+                         f"{cfg.model.channels}")
+    if model is None:
+        with torch.random.fork_rng(devices=[]):  # initial weights depend on train.seed only
+            torch.manual_seed(derive_seed(cfg.train.seed, "ldm-init"))
+            model = ClassDistUNet(cfg.model)
+    tcfg = dataclasses.replace(cfg.train, out_dir=str(out), resume=resume if resume is not None else cfg.train.resume)
+    run_cfg = dataclasses.replace(cfg, train=tcfg)
+    trainer = Trainer(model, LDMLoss(cfg), _train_data(cfg, cache), tcfg, run_config=run_cfg)
+    trainer.latent_scale = cache.scale
+    return trainer
+
+
+def train_ldm(cfg: LDMConfig, out_dir: str | Path, *, resume: str | None = None) -> dict[str, Any]:
+    """Train (step 3); writes ``out_dir/{metrics.jsonl, checkpoints/, training.png}``. Returns
+    ``{"trainer", "history", "out_dir"}``."""
+    from dualdiff.analysis.ldm_plots import plot_training
+
+    trainer = build_trainer(cfg, out_dir, resume=resume)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    if trainer.is_main:
+        plot_training(trainer.history, Path(out_dir) / "training.png")
+    return {"trainer": trainer, "history": trainer.history, "out_dir": Path(out_dir)}
+
+
+def load_ldm(path: str | Path, *, ema: bool = True, map_location: Any = "cpu") -> tuple[nn.Module, LDMConfig]:
+    """``(model in eval mode, config)`` from a checkpoint of :func:`train_ldm` (a file or a run
+    folder: its newest checkpoint), EMA weights when present; ``torch.load(weights_only=True)``."""
+    from dualdiff.config import from_dict
+    from dualdiff.train import CheckpointError, latest_checkpoint, load_checkpoint
+
+    p = Path(path)
+    if p.is_dir():
+        found = latest_checkpoint(p / "checkpoints")
+        if found is None:
+            raise FileNotFoundError(f"no checkpoint under {str(p / 'checkpoints')!r}: run `dualdiff ldm train` first")
+        p = found
+    state = load_checkpoint(p, map_location=map_location)
+    run = state.get("run_config")
+    if not run or "model" not in run or "ae" not in run:
+        raise CheckpointError(f"checkpoint {str(p)!r} has no ldm run config: was it written by train_ldm?")
+    cfg = from_dict(LDMConfig, run)
+    model = ClassDistUNet(cfg.model)
+    model.load_state_dict(state["ema"]["model"] if ema and state.get("ema") else state["model"])
+    return model.eval(), cfg
+
+
+# ---------------------------------------------------------------------------------------
+# sampling
+
+
+def guided_model_fn(model: nn.Module, dist: Tensor, cond_scale: float, rescaled_phi: float = 0.0, *,
+                    remove_parallel: bool = False, keep_parallel_frac: float = 0.0, batched: bool = True,
+                    null: Tensor | None = None):
+    """``model_fn(x, t)`` for :func:`dualdiff.diffusion.ddim_sample`: classifier-free guidance
+    of the conditional and null predictions (``cfg_combine``). ``batched``: one forward on
+    ``cat([x, x])`` with the second half nulled (else two forwards). ``cond_scale == 1`` gives
+    the conditional prediction alone (one forward, as lucidrains). ``null`` [B] bool: these rows
+    are unconditional whatever the scale."""
+    from dualdiff.diffusion.samplers import cfg_combine
+
+    b = dist.shape[0]
+    null_rows = torch.zeros(b, dtype=torch.bool, device=dist.device) if null is None else null.to(dist.device)
+
+    def fn(x: Tensor, t: Tensor) -> Tensor:
+        if cond_scale == 1.0:
+            return model(x, t, dist, null_rows)
+        if batched:
+            out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([dist, dist]),
+                        torch.cat([null_rows, torch.ones_like(null_rows)]))
+            cond, uncond = out.chunk(2)
+        else:
+            cond, uncond = model(x, t, dist, null_rows), model(x, t, dist, torch.ones_like(null_rows))
+        return cfg_combine(uncond, cond, cond_scale, rescaled_phi, remove_parallel=remove_parallel,
+                           keep_parallel_frac=keep_parallel_frac)
+
+    return fn
+
+
+@torch.no_grad()
+def sample_latents(model: nn.Module, dist: Tensor, cfg: LDMConfig, latent_shape: tuple[int, int, int], *,
+                   cond_scale: float | None = None, rescaled_phi: float | None = None, null: Tensor | None = None,
+                   generator: torch.Generator | None = None, batched: bool = True,
+                   sampling_timesteps: int | None = None) -> Tensor:
+    """DDIM samples ``[B, C, h, w]`` (scaled latent space) for the requested ``dist [B, K]``."""
+    from dualdiff.diffusion import DDIMScheduler, ddim_sample
+    from dualdiff.diffusion.samplers import lucidrains_timesteps
+
+    device = dist.device
+    sched = DDIMScheduler(_schedule(cfg)).to(device)
+    ts = lucidrains_timesteps(sampling_timesteps or cfg.sampling_timesteps, cfg.timesteps).to(device)
+    x_T = torch.randn((dist.shape[0], *latent_shape), generator=generator,
+                      device=generator.device if generator is not None else device).to(device)
+    fn = guided_model_fn(model, dist, cfg.cond_scale if cond_scale is None else cond_scale,
+                         cfg.rescaled_phi if rescaled_phi is None else rescaled_phi,
+                         remove_parallel=cfg.remove_parallel, keep_parallel_frac=cfg.keep_parallel_frac,
+                         batched=batched, null=null)
+    return ddim_sample(fn, x_T, ts, sched, eta=cfg.ddim_eta, prediction_type=cfg.objective,
+                       clip_sample=False, generator=generator).sample
+
+
+def _latent_shape(cfg: LDMConfig, cache) -> tuple[int, int, int]:
+    return tuple(cache.latents.shape[1:])
+
+
+def _requests(test_cache, n: int) -> tuple[Tensor, list[int]]:
+    """``n`` requested distributions: the masked test tiles spread over the test set."""
+    idx = torch.nonzero(test_cache.has_mask).flatten().tolist()
+    if not idx:
+        raise ConfigError("the test set has no masked tiles to take requested distributions from")
+    pick = [idx[round(i * (len(idx) - 1) / max(n - 1, 1))] for i in range(min(n, len(idx)))]
+    return test_cache.dist[pick], pick
+
+
+def _load_run(out: Path, overrides: list[str] | None, device: str | None) -> tuple[nn.Module, LDMConfig]:
+    """The trained model (EMA) and its config with ``key=value`` overrides (e.g. cond_scale=6)."""
+    from dualdiff.config import apply_overrides
+
+    model, cfg = load_ldm(out)
+    ov = list(overrides or []) + ([f"train.device={device}"] if device else [])
+    if ov:
+        cfg = apply_overrides(cfg, ov)
+    return model.to(_device(cfg)), cfg
+
+
+def sample_ldm(out_dir: str | Path, overrides: list[str] | None = None, *,
+               device: str | None = None) -> dict[str, Any]:
+    """Sample ``num_samples`` tiles for each of ``eval_requests`` test distributions at
+    ``cond_scale`` / ``rescaled_phi``; writes ``out_dir/samples/grid.png`` and
+    ``samples/samples.pt`` (images, requested and measured distributions)."""
+    from dualdiff.analysis.ldm_plots import save_sample_grid
+    from dualdiff.data.histology import StainRule, class_distribution
+    from dualdiff.data.latent_cache import LatentCache
+
+    out = Path(out_dir)
+    model, cfg = _load_run(out, overrides, device)
+    device = _device(cfg)
+    codec = load_codec(cfg, out, device)
+    test = LatentCache.load(out / "latents_test.pt")
+    req, _ = _requests(test, cfg.eval_requests)
+    dist = req.repeat_interleave(cfg.num_samples, 0).to(device)
+    g = torch.Generator(device="cpu").manual_seed(derive_seed(cfg.train.seed, "ldm-sample"))
+    z = sample_latents(model, dist, cfg, _latent_shape(cfg, test), generator=g)
+    images = codec.decode(z / test.scale).cpu()
+    measured = class_distribution(StainRule()(images), cfg.data.num_classes)
+    k = req.shape[0]
+    grid = save_sample_grid(images.reshape(k, cfg.num_samples, *images.shape[1:]), req,
+                            out / "samples" / "grid.png",
+                            title=f"cond_scale {cfg.cond_scale:g}, rescaled_phi {cfg.rescaled_phi:g}")
+    torch.save({"images": images, "requested": dist.cpu(), "measured": measured}, out / "samples" / "samples.pt")
+    return {"grid": grid, "images": images, "requested": dist.cpu(), "measured": measured}
+
+
+# ---------------------------------------------------------------------------------------
+# evaluation
+
+
+def conditioning_error(requested: Tensor, images: Tensor, num_classes: int) -> Tensor:
+    """Per sample total-variation distance ``0.5 · Σ_k |d̂_k - d_k|`` [B] between the requested
+    distributions [B, K] and the stain-rule distributions of ``images`` [B, 3, S, S] in [0, 1]."""
+    from dualdiff.data.histology import StainRule, class_distribution
+
+    measured = class_distribution(StainRule()(images.float()), num_classes)
+    return 0.5 * (measured - requested.to(measured)).abs().sum(1)
+
+
+def _features(codec: Codec, images: Tensor, batch: int = 64) -> Tensor:
+    """Autoencoder-encoder features: the posterior mean pooled to 4x4, flattened -> [N, C·16]."""
+    out = []
+    for i in range(0, len(images), batch):
+        z = codec.encode(images[i:i + batch])
+        out.append(F.adaptive_avg_pool2d(z.float(), 4).flatten(1).cpu())
+    return torch.cat(out).double()
+
+
+def _frechet(a: Tensor, b: Tensor) -> float:
+    from dualdiff.ops import frechet_distance
+
+    return float(frechet_distance(a.mean(0), torch.cov(a.T), b.mean(0), torch.cov(b.T)))
+
+
+@torch.no_grad()
+def loss_per_quartile(model: nn.Module, cfg: LDMConfig, cache, *, batches: int = 4, batch_size: int = 64,
+                      seed: int = 0, device: torch.device | str = "cpu") -> dict[str, list[float]]:
+    """Unweighted MSE of the model's prediction, converted to each objective
+    (``convert_prediction``), against that objective's target, per t quartile (conditional
+    inputs) -> ``{objective: [q1, q2, q3, q4]}`` (q1 = the lowest t)."""
+    from dualdiff.diffusion import OBJECTIVES, convert_prediction, q_sample, training_target
+
+    sched = _schedule(cfg).to(device)
+    g = torch.Generator().manual_seed(seed)
+    T = cfg.timesteps
+    sums = {o: torch.zeros(4, dtype=torch.float64) for o in OBJECTIVES}
+    counts = torch.zeros(4, dtype=torch.float64)
+    z_all = cache.scaled
+    for _ in range(batches):
+        idx = torch.randint(0, len(cache), (batch_size,), generator=g)
+        z0, dist, has_mask = z_all[idx].to(device), cache.dist[idx].to(device), cache.has_mask[idx].to(device)
+        t = torch.randint(0, T, (batch_size,), generator=g).to(device)
+        noise = torch.randn(z0.shape, generator=g).to(device)
+        z_t = q_sample(z0, t, noise, sched)
+        out = model(z_t, t, dist, ~has_mask)
+        q = (t * 4 // T).cpu()
+        counts += torch.bincount(q, minlength=4).double()
+        for o in OBJECTIVES:
+            pred = convert_prediction(out, cfg.objective, o, z_t, t, sched)
+            err = (pred.float() - training_target(o, z0, t, noise, sched).float()).pow(2).flatten(1).mean(1).cpu()
+            sums[o] += torch.zeros(4, dtype=torch.float64).index_add_(0, q, err.double())
+    return {o: (sums[o] / counts.clamp_min(1)).tolist() for o in OBJECTIVES}
+
+
+def evaluate_ldm(out_dir: str | Path, overrides: list[str] | None = None, *, device: str | None = None,
+                 verbose: bool = True) -> dict[str, Any]:
+    """Step 5 on the run in ``out_dir`` (EMA weights); writes ``eval.json`` and a sample grid
+    per cond_scale (``eval_grids/``). Returns the metrics."""
+    from dualdiff.analysis.ldm_plots import save_sample_grid
+    from dualdiff.data.latent_cache import LatentCache
+
+    out = Path(out_dir)
+    model, cfg = _load_run(out, overrides, device)
+    device = _device(cfg)
+    codec = load_codec(cfg, out, device)
+    test = LatentCache.load(out / "latents_test.pt")
+    req, pick = _requests(test, cfg.eval_requests)
+    n = cfg.eval_samples
+    dist = req.repeat_interleave(n, 0).to(device)
+    shape = _latent_shape(cfg, test)
+    seed = derive_seed(cfg.train.seed, "ldm-eval")
+    K = cfg.data.num_classes
+
+    def run(scale: float, phi: float, null: Tensor | None = None) -> tuple[Tensor, float, float]:
+        g = torch.Generator().manual_seed(seed)  # the same x_T and noise for every setting
+        z = sample_latents(model, dist, cfg, shape, cond_scale=scale, rescaled_phi=phi, null=null, generator=g)
+        images = codec.decode(z / test.scale).float().cpu()
+        return images, float(conditioning_error(dist.cpu(), images, K).mean()), float(z.float().std())
+
+    rows = []
+    uncond_images, uncond_err, _ = run(1.0, 0.0, null=torch.ones(len(dist), dtype=torch.bool))
+    ae_err = float(conditioning_error(req, codec.decode(test.latents[pick].to(device)).float().cpu(), K).mean())
+    main_images = None
+    for scale in cfg.eval_cond_scales:
+        for phi in cfg.eval_rescaled_phis:
+            images, err, z_std = run(scale, phi)
+            rows.append({"cond_scale": scale, "rescaled_phi": phi, "cond_error": err, "latent_std": z_std})
+            if verbose:
+                print(f"cond_scale {scale:g} rescaled_phi {phi:g}: conditioning error {err:.4f}")
+            if phi == cfg.eval_rescaled_phis[-1]:
+                save_sample_grid(images.reshape(len(req), n, *images.shape[1:]), req,
+                                 out / "eval_grids" / f"cond_scale_{scale:g}.png",
+                                 title=f"cond_scale {scale:g}, rescaled_phi {phi:g}")
+            if main_images is None or (scale == cfg.cond_scale and phi == cfg.rescaled_phi):
+                main_images = images
+    all_test = torch.stack(list(_test_images(cfg, list(range(len(test))))))
+    real_feats = _features(codec, all_test.to(device))
+    fd = _frechet(real_feats, _features(codec, main_images.to(device)))
+    fd_uncond = _frechet(real_feats, _features(codec, uncond_images.to(device)))
+    quart = loss_per_quartile(model, cfg, test, batches=cfg.eval_loss_batches, device=device, seed=seed)
+    metrics = {"cond_error": rows, "cond_error_unconditional": uncond_err, "cond_error_ae_roundtrip": ae_err,
+               "frechet_ae_features": fd, "frechet_ae_features_unconditional": fd_uncond,
+               "loss_per_t_quartile": quart, "objective": cfg.objective, "requests": req.tolist(),
+               "samples_per_request": n, "data_latent_std": float(test.scaled.std()), "real_test_tiles": len(all_test), "sampling_timesteps": cfg.sampling_timesteps}
+    if verbose:
+        print(f"unconditional: {uncond_err:.4f}; autoencoder round trip: {ae_err:.4f}; Fréchet (AE features) "
+              f"{fd:.4g} (unconditional {fd_uncond:.4g})")
+    (out / "eval.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def _test_images(cfg: LDMConfig, indices: list[int]):
+    _, test = _datasets(cfg)
+    for i in indices:
+        yield test[i]["image"]
+
+
+# ---------------------------------------------------------------------------------------
+# plots, demo
+
+
+def plot_ldm(out_dir: str | Path) -> list[Path]:
+    """Redraw the figures of a run: training.png (loss, LR), loss_quartiles.png and
+    cond_error.png (from eval.json). Returns the files written."""
+    from dualdiff.analysis.ldm_plots import plot_cond_error, plot_loss_quartiles, plot_training
+    from dualdiff.train import read_jsonl
+
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise FileNotFoundError(f"--out-dir: no such folder: {str(out)!r}")
+    written = []
+    if (out / "metrics.jsonl").is_file():
+        written.append(plot_training(read_jsonl(out / "metrics.jsonl"), out / "training.png"))
+    if (out / "eval.json").is_file():
+        ev = json.loads((out / "eval.json").read_text())
+        written.append(plot_loss_quartiles(ev["loss_per_t_quartile"], out / "loss_quartiles.png"))
+        written.append(plot_cond_error(ev, out / "cond_error.png"))
+    if not written:
+        raise FileNotFoundError(f"{str(out)!r} holds no ldm run (metrics.jsonl or eval.json)")
+    return written
+
+
+def demo_ldm(out_dir: str | Path = "runs/ldm-demo", cfg: LDMConfig | None = None) -> dict[str, Any]:
+    """The tiny preset end to end on the CPU: autoencoder, encode, train, sample, eval, plot."""
+    import time
+
+    cfg = cfg or LDMConfig.from_name("tiny")
+    out = Path(out_dir)
+    times = {}
+    t0 = time.perf_counter()
+    train_autoencoder(cfg, out)
+    times["autoencoder_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    encode_latents(cfg, out)
+    times["encode_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    res = train_ldm(cfg, out)
+    times["train_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sample_ldm(out)
+    metrics = evaluate_ldm(out)
+    times["sample_eval_s"] = time.perf_counter() - t0
+    files = plot_ldm(out)
+    hist = res["history"]
+    summary = {"times": times, "first_loss": hist[0]["loss"], "last_loss": hist[-1]["loss"], "eval": metrics,
+               "files": [str(f) for f in files]}
+    (out / "demo.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary

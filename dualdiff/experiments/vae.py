@@ -1,0 +1,645 @@
+"""vae experiment: β-VAE with KL annealing, the reconstruction fix and subset training, for
+domain generalisation on fundus images (VAE-DG), plus the spatial ``conv_kl`` autoencoder.
+
+Loss (``loss="fixed"``, the default), per batch of B images with model input x (ImageNet-
+normalised), target t (the same image in [0, 1]), grades y and latent dimension D:
+
+    recon = mean BCE(sigmoid(logits), t)                     (over all B·3·S·S elements)
+    KL    = (1 / (B·D)) Σ_b Σ_j -0.5 (1 + logvar - mu² - exp(logvar))   (the seed's convention:
+            a mean over batch AND latent dims; ``dualdiff.ops.vae_loss`` sums over the latent, so
+            it is called with kl_weight / D)
+    CE    = mean cross-entropy(classify(z), y)
+    total = recon + β(step) · kl_weight · KL + y_weight · CE
+
+``loss="legacy"`` is VAE-DG's original: ``BCE_sum(sigmoid(logits), x)`` against the *normalised*
+input, ``+ β(step) · 50 000 · KL + 50 000 · CE_sum`` (with ``anneal=none`` exactly the original).
+Current PyTorch refuses that target in ``F.binary_cross_entropy`` (values outside [0, 1]); the
+logit form used here, ``softplus(l) - l·x``, is the same formula for any x.
+
+``conv_kl`` (:class:`dualdiff.models.autoencoder.ConvKLAutoencoder`) trains with the same loss
+and annealing, D = 4·(S/f)², no classifier (CE = 0).
+
+β(step) is :func:`kl_anneal_weight`. The step passed to the loss is the number of optimizer
+steps already taken (0 for the first).
+
+Outputs of :func:`train_vae` under ``out_dir``: the Trainer's ``metrics.jsonl`` / ``.csv``
+(per step: loss, recon, kl, ce, beta, lr ...), ``config.yaml``, ``checkpoints/``,
+``recon_step_<N>/grid.png`` (every ``train.eval_every`` steps: validation inputs on top,
+reconstructions below), ``recon_final/grid.png``, ``metrics.json`` (validation and test
+metrics: PSNR, SSIM, high-pass error, active units, accuracy per environment),
+``training.png`` (loss terms and β).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dualdiff.train import TrainConfig, Trainer
+from dualdiff.utils.seed import derive_seed
+
+__all__ = ["ANNEAL_SCHEDULES", "LEGACY_WEIGHT", "kl_anneal_weight", "VAEModelConfig", "VAEDataConfig",
+           "VAEConfig", "VAE_PRESETS", "VAELoss", "build_vae_model", "build_vae_data", "evaluate_vae",
+           "train_vae", "load_vae_model", "loo_vae", "sweep_vae", "plot_vae", "demo_vae", "image_metrics",
+           "highpass_error", "active_units"]
+
+log = logging.getLogger("dualdiff.vae")
+
+ANNEAL_SCHEDULES = ("none", "linear", "cyclical")
+LEGACY_WEIGHT = 50_000.0
+
+
+# ---------------------------------------------------------------------------------------
+# KL annealing
+
+
+def _check_anneal(schedule: str, start: int, end: int, total_steps: int | None, cycles: int,
+                  ratio: float, prefix: str = "") -> None:
+    """Raise ValueError naming the argument (``prefix`` + name; the config's keys are ``anneal_*``)."""
+    if schedule not in ANNEAL_SCHEDULES:
+        raise ValueError(f"{prefix.rstrip('_') or 'schedule'} must be one of {ANNEAL_SCHEDULES}, got {schedule!r}")
+    if start < 0:
+        raise ValueError(f"{prefix}start must be >= 0, got {start}")
+    if end < start:
+        raise ValueError(f"{prefix}end ({end}) must be >= {prefix}start ({start})")
+    if total_steps is not None and total_steps < 1:
+        raise ValueError(f"{prefix}total_steps must be >= 1 or None, got {total_steps}")
+    if cycles < 1:
+        raise ValueError(f"{prefix}cycles must be >= 1, got {cycles}")
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"{prefix}ratio must be in (0, 1], got {ratio}")
+    if schedule == "cyclical" and total_steps is None and end == start:
+        raise ValueError(f"cyclical annealing needs {prefix}total_steps or {prefix}end > {prefix}start")
+
+
+def kl_anneal_weight(step: int, *, schedule: str, start: int = 0, end: int = 5000,
+                     total_steps: int | None = None, cycles: int = 4, ratio: float = 0.5) -> float:
+    """β(step) in [0, 1] for the KL term.
+
+    * ``none``: 1.
+    * ``linear``: 0 before ``start``, ``(step - start) / (end - start)`` in between, 1 from ``end``.
+    * ``cyclical``: ``frange_cycle_linear`` of the cyclical-annealing paper (Fu et al. 2019) over
+      ``total_steps`` steps counted from ``start`` (None: ``end - start``): period
+      p = total_steps / cycles; in each period β ramps 0 -> 1 over ratio·p steps, then holds 1.
+      With i = step - start - floor(c·p) for the period c the step falls in, β = min(1, i / (ratio·p)).
+      0 before ``start``, 1 after the last period.
+    """
+    _check_anneal(schedule, start, end, total_steps, cycles, ratio)
+    if schedule == "none":
+        return 1.0
+    if step < start:
+        return 0.0
+    if schedule == "linear":
+        return 1.0 if step >= end else (step - start) / (end - start)
+    n = total_steps if total_steps is not None else end - start
+    s = step - start
+    if s >= n:
+        return 1.0
+    period = n / cycles
+    c = min(int(s // period), cycles - 1)
+    while c > 0 and math.floor(c * period) > s:  # float rounding at a period boundary
+        c -= 1
+    while c + 1 < cycles and math.floor((c + 1) * period) <= s:
+        c += 1
+    i = s - math.floor(c * period)
+    return min(1.0, i / (period * ratio))
+
+
+# ---------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class VAEModelConfig:
+    """``arch``: ``resnet_vae`` (:class:`dualdiff.models.vae.ResNetVAE`: ``trunk``,
+    ``trunk_weights``, ``small_channels``, ``fc_hidden``, ``latent_dim``, ``decoder``,
+    ``deep_channels``) or ``conv_kl`` (:class:`dualdiff.models.autoencoder.ConvKLAutoencoder`:
+    ``latent_channels``, ``base_channels``, ``channel_mults``, ``downsample_factor``,
+    ``num_res_blocks``, ``mid_attention``). ``num_classes`` None = the data's."""
+    arch: Literal["resnet_vae", "conv_kl"] = "resnet_vae"
+    image_size: int = 224
+    trunk: Literal["resnet50", "resnet18", "small"] = "resnet50"
+    trunk_weights: str | None = None
+    small_channels: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
+    fc_hidden: int = 1024
+    latent_dim: int = 256
+    num_classes: int | None = None
+    decoder: Literal["original", "deep"] = "original"
+    deep_channels: int = 256
+    latent_channels: int = 4
+    base_channels: int = 64
+    channel_mults: list[int] = field(default_factory=lambda: [1, 2, 4])
+    downsample_factor: int = 8
+    num_res_blocks: int = 1
+    mid_attention: bool = True
+
+    def validate(self) -> None:
+        if self.image_size < 16:
+            raise ValueError(f"model.image_size must be >= 16, got {self.image_size}")
+        for name in ("fc_hidden", "latent_dim", "deep_channels", "latent_channels", "base_channels",
+                     "num_res_blocks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_classes is not None and self.num_classes < 2:
+            raise ValueError(f"model.num_classes must be >= 2 or None, got {self.num_classes}")
+        if not self.small_channels or min(self.small_channels) < 1:
+            raise ValueError(f"model.small_channels must be positive ints, got {self.small_channels}")
+        if self.trunk == "small" and self.trunk_weights is not None:
+            raise ValueError("model.trunk_weights applies to the resnet trunks only")
+        if self.decoder == "deep" and self.image_size % 2:
+            raise ValueError(f"model.decoder=deep needs an even model.image_size, got {self.image_size}")
+        if self.arch == "conv_kl":
+            f = self.downsample_factor
+            if f < 2 or f & (f - 1) or f > 2 ** len(self.channel_mults):
+                raise ValueError(f"model.downsample_factor must be a power of two <= "
+                                 f"2**len(model.channel_mults), got {f}")
+            if self.image_size % f:
+                raise ValueError(f"model.image_size ({self.image_size}) must be divisible by "
+                                 f"model.downsample_factor ({f})")
+
+
+@dataclass
+class VAEDataConfig:
+    """``source``: ``fundus`` (embedded synthetic set, ``num_per_env`` images per environment of
+    ``environments``, None = all four) or ``folder`` (DomainBed tree at ``path``). ``test_env``:
+    the held-out environment's name (None: train on every environment, no test set).
+    ``holdout_fraction``: per training environment, the share kept for validation.
+    ``subset_size``: N images per training environment (seeded). ``seed``: data and splits."""
+    source: Literal["fundus", "folder"] = "fundus"
+    path: str | None = None
+    num_per_env: int = 200
+    environments: list[str] | None = None
+    test_env: str | None = None
+    holdout_fraction: float = 0.2
+    subset_size: int | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.source == "folder" and not self.path:
+            raise ValueError("data.path is required when data.source is 'folder'")
+        if self.num_per_env < 1:
+            raise ValueError(f"data.num_per_env must be >= 1, got {self.num_per_env}")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ValueError(f"data.holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
+        if self.subset_size is not None and self.subset_size < 1:
+            raise ValueError(f"data.subset_size must be >= 1 or None, got {self.subset_size}")
+        if self.source == "fundus":
+            from dualdiff.data.fundus import FUNDUS_ENVIRONMENTS
+            envs = self.environments or list(FUNDUS_ENVIRONMENTS)
+            bad = [e for e in envs if e not in FUNDUS_ENVIRONMENTS]
+            if bad:
+                raise ValueError(f"data.environments: unknown {bad}; choose from {list(FUNDUS_ENVIRONMENTS)}")
+            if self.test_env is not None and self.test_env not in envs:
+                raise ValueError(f"data.test_env {self.test_env!r} is not one of {envs}")
+            if self.subset_size is not None:
+                n_in = self.num_per_env - int(self.num_per_env * self.holdout_fraction)
+                if self.subset_size > n_in:
+                    raise ValueError(f"data.subset_size={self.subset_size} is larger than an environment "
+                                     f"({n_in} images in its training split)")
+
+
+def _default_train() -> TrainConfig:
+    return TrainConfig(steps=5000, batch_size=32, lr=1e-4, optimizer="adam", out_dir="runs/vae",
+                       checkpoint_every=1000, eval_every=500, log_every=10)
+
+
+@dataclass
+class VAEConfig:
+    """The whole vae run. Loss keys (module docstring): ``loss`` fixed | legacy, ``recon``
+    bce | mse, ``kl_weight`` and ``y_weight`` (the seed's values, KL in its per-latent-dim
+    convention), ``anneal`` none | linear | cyclical with ``anneal_start``, ``anneal_end``,
+    ``anneal_total_steps``, ``anneal_cycles``, ``anneal_ratio`` (:func:`kl_anneal_weight`).
+    ``loss_backend``: vae_loss backend (None = auto). ``recon_images``: images per grid.
+    ``eval_images``: validation / test images used for the metrics (0 = all). ``plots``: draw
+    ``training.png`` at the end (the PNG grids are always written)."""
+    model: VAEModelConfig = field(default_factory=VAEModelConfig)
+    data: VAEDataConfig = field(default_factory=VAEDataConfig)
+    train: TrainConfig = field(default_factory=_default_train)
+    loss: Literal["fixed", "legacy"] = "fixed"
+    recon: Literal["bce", "mse"] = "bce"
+    kl_weight: float = 1e-4
+    y_weight: float = 0.1
+    anneal: str = "linear"
+    anneal_start: int = 0
+    anneal_end: int = 5000
+    anneal_total_steps: int | None = None
+    anneal_cycles: int = 4
+    anneal_ratio: float = 0.5
+    loss_backend: str | None = None
+    recon_images: int = 8
+    eval_images: int = 256
+    plots: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.data.validate()
+        _check_anneal(self.anneal, self.anneal_start, self.anneal_end, self.anneal_total_steps,
+                      self.anneal_cycles, self.anneal_ratio, prefix="anneal_")
+        for name in ("kl_weight", "y_weight"):
+            v = getattr(self, name)
+            if not (v >= 0 and math.isfinite(v)):
+                raise ValueError(f"{name} must be a finite float >= 0, got {v}")
+        if self.loss == "legacy" and self.recon != "bce":
+            raise ValueError("loss=legacy is the original BCE loss: it needs recon=bce")
+        if self.recon_images < 1 or self.eval_images < 0:
+            raise ValueError(f"recon_images must be >= 1 and eval_images >= 0, got "
+                             f"{self.recon_images}, {self.eval_images}")
+
+    def anneal_kwargs(self) -> dict[str, Any]:
+        return dict(schedule=self.anneal, start=self.anneal_start, end=self.anneal_end,
+                    total_steps=self.anneal_total_steps, cycles=self.anneal_cycles, ratio=self.anneal_ratio)
+
+    @classmethod
+    def from_name(cls, name: str) -> "VAEConfig":
+        """A fresh copy of the preset ``name`` (:data:`VAE_PRESETS`)."""
+        if name not in VAE_PRESETS:
+            raise ValueError(f"unknown vae preset {name!r}; choose one of {sorted(VAE_PRESETS)}")
+        return VAE_PRESETS[name]()
+
+
+def _tiny() -> VAEConfig:
+    """64², a small CNN trunk, deep decoder, 200 steps of 16 images (β ramps over the first 100)."""
+    model = VAEModelConfig(image_size=64, trunk="small", fc_hidden=256, latent_dim=32, decoder="deep",
+                           deep_channels=128, base_channels=32)
+    train = TrainConfig(steps=200, batch_size=16, lr=1e-3, optimizer="adam", out_dir="runs/vae-tiny",
+                        checkpoint_every=0, eval_every=50, log_every=10, progress=False)
+    return VAEConfig(model=model, data=VAEDataConfig(num_per_env=64), train=train, anneal_end=100,
+                     eval_images=128)
+
+
+VAE_PRESETS = {
+    "default": VAEConfig,  # 224², ResNet-50 (weights=None unless model.trunk_weights), the original decoder
+    "tiny": _tiny,
+}
+
+
+# ---------------------------------------------------------------------------------------
+# building
+
+
+def build_vae_data(cfg: VAEDataConfig, image_size: int):
+    """``(dataset, DomainSplit, test_env_index or None)`` (see :mod:`dualdiff.data.fundus`)."""
+    from dualdiff.data.fundus import DatasetError, DomainFolder, SyntheticFundus, domain_split
+
+    if cfg.source == "fundus":
+        ds = SyntheticFundus(cfg.num_per_env, image_size, environments=cfg.environments, seed=cfg.seed)
+    else:
+        ds = DomainFolder(cfg.path, image_size)
+    test = []
+    if cfg.test_env is not None:
+        if cfg.test_env not in ds.environments:
+            raise DatasetError(f"data.test_env {cfg.test_env!r} is not one of {ds.environments}")
+        test = [ds.environments.index(cfg.test_env)]
+    split = domain_split(ds.env_labels, test, holdout_fraction=cfg.holdout_fraction, seed=cfg.seed,
+                         subset_size=cfg.subset_size, environments=ds.environments)
+    return ds, split, (test[0] if test else None)
+
+
+def build_vae_model(cfg: VAEModelConfig, num_classes: int = 5) -> nn.Module:
+    """The model of ``cfg.arch`` (``cfg.num_classes`` overrides ``num_classes``)."""
+    if cfg.arch == "conv_kl":
+        from dualdiff.models.autoencoder import ConvKLAutoencoder
+
+        return ConvKLAutoencoder(3, cfg.latent_channels, cfg.base_channels, tuple(cfg.channel_mults),
+                                 cfg.downsample_factor, num_res_blocks=cfg.num_res_blocks,
+                                 mid_attention=cfg.mid_attention)
+    from dualdiff.models.vae import ResNetVAE
+
+    return ResNetVAE(cfg.image_size, trunk=cfg.trunk, trunk_weights=cfg.trunk_weights,
+                     small_channels=tuple(cfg.small_channels), fc_hidden=cfg.fc_hidden,
+                     latent_dim=cfg.latent_dim, num_classes=cfg.num_classes or num_classes,
+                     decoder=cfg.decoder, deep_channels=cfg.deep_channels)
+
+
+def _forward(model: nn.Module, x: Tensor, sample: bool | None = None):
+    """``(logits, mu [B, D], logvar [B, D], class_logits or None)`` for either architecture."""
+    out = model(x) if sample is None else model(x, sample=sample)
+    if len(out) == 4:
+        logits, mu, logvar, y_logits = out
+    else:
+        (logits, mu, logvar), y_logits = out, None
+    return logits, mu.flatten(1), logvar.flatten(1), y_logits
+
+
+# ---------------------------------------------------------------------------------------
+# loss
+
+
+class VAELoss:
+    """``loss_fn(model, batch, step) -> (total, {recon, kl, ce, beta})`` for the Trainer.
+
+    ``batch = (x, target, y, env)``; ``step``: optimizer steps taken so far (the Trainer passes
+    it). ``kl`` is logged per latent dim (the seed's convention), ``recon`` and ``ce`` as they
+    enter the total.
+    """
+
+    def __init__(self, cfg: VAEConfig) -> None:
+        self.cfg = cfg
+        self.anneal = cfg.anneal_kwargs()
+
+    def __call__(self, model: nn.Module, batch, step: int):
+        x, target, y = batch[0], batch[1], batch[2]
+        beta = kl_anneal_weight(int(step), **self.anneal)
+        logits, mu, logvar, y_logits = _forward(model, x)
+        total, parts = self.terms(logits, x, target, mu, logvar, y_logits, y, beta)
+        return total, parts
+
+    def terms(self, logits: Tensor, x: Tensor, target: Tensor, mu: Tensor, logvar: Tensor,
+              y_logits: Tensor | None, y: Tensor, beta: float) -> tuple[Tensor, dict[str, Tensor]]:
+        """The total loss and its parts from model outputs (module docstring)."""
+        from dualdiff.ops import vae_loss
+
+        cfg = self.cfg
+        b, d = mu.shape
+        if cfg.loss == "legacy":
+            # sum reduction: kl = Σ_b kl_b, the original's KLD = that / (B·D)
+            rec_total, rec, kl = vae_loss(logits, x.to(logits.dtype), mu, logvar,
+                                          kl_weight=beta * LEGACY_WEIGHT / (b * d), recon="bce",
+                                          reduction="sum", backend=cfg.loss_backend)
+            kl_per_dim = kl / (b * d)
+            ce = F.cross_entropy(y_logits.float(), y, reduction="sum") if y_logits is not None \
+                else rec_total.new_zeros(())
+            total = rec_total + LEGACY_WEIGHT * ce
+        else:
+            rec_total, rec, kl = vae_loss(logits, target.to(logits.dtype), mu, logvar,
+                                          kl_weight=beta * cfg.kl_weight / d, recon=cfg.recon,
+                                          reduction="mean", backend=cfg.loss_backend)
+            kl_per_dim = kl / d
+            ce = F.cross_entropy(y_logits.float(), y) if y_logits is not None else rec_total.new_zeros(())
+            total = rec_total + cfg.y_weight * ce
+        parts = {"recon": rec.detach(), "kl": kl_per_dim.detach(), "ce": ce.detach(),
+                 "beta": torch.tensor(float(beta))}
+        return total, parts
+
+
+# ---------------------------------------------------------------------------------------
+# metrics
+
+
+def image_metrics(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-image ``(psnr [B], ssim [B])`` (float32, CPU) of [0, 1] images ``[B, 3, H, W]`` (data
+    range 1), by :mod:`dualdiff.metrics.image` (scikit-image's definitions)."""
+    from dualdiff.metrics.image import psnr, ssim
+
+    pred, target = pred.detach().float(), target.detach().float()
+    return psnr(pred, target, data_range=1.0).float().cpu(), ssim(pred, target, data_range=1.0).float().cpu()
+
+
+def _blur(x: Tensor, sigma: float) -> Tensor:
+    r = max(1, int(math.ceil(3 * sigma)))
+    k = torch.exp(-torch.arange(-r, r + 1, dtype=x.dtype, device=x.device).pow(2) / (2 * sigma ** 2))
+    k = k / k.sum()
+    c = x.shape[1]
+    h = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(F.pad(h, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def highpass_error(pred: Tensor, target: Tensor, sigma: float | None = None) -> Tensor:
+    """Per-image relative error in the high-pass band (where vessels live), ``[B]``:
+    ``||HP(pred) - HP(target)||² / ||HP(target)||²`` with ``HP(x) = x - gauss_blur(x, σ)``,
+    σ = S/112 px by default (2 px at 224²). 1 = no fine detail reproduced (a blurry output)."""
+    sigma = sigma if sigma is not None else max(0.5, target.shape[-1] / 112)
+    hp_t = target - _blur(target, sigma)
+    hp_p = pred - _blur(pred, sigma)
+    num = (hp_p - hp_t).pow(2).flatten(1).sum(1)
+    return num / hp_t.pow(2).flatten(1).sum(1).clamp_min(1e-12)
+
+
+def active_units(mu: Tensor, threshold: float = 0.01) -> int:
+    """Latent units with ``Cov_x(E[z|x]) > threshold`` over the rows of ``mu [N, D]`` (Burda et al.)."""
+    if mu.shape[0] < 2:
+        raise ValueError("active_units needs at least 2 samples")
+    return int((mu.float().var(dim=0) > threshold).sum())
+
+
+@torch.no_grad()
+def evaluate_vae(model: nn.Module, dataset, indices: list[int], *, device: torch.device | str = "cpu",
+                 batch_size: int = 32, max_images: int = 0) -> dict[str, Any]:
+    """Reconstruction and classifier metrics on ``dataset[indices]`` (eval mode, z = mu).
+
+    Returns ``psnr``, ``ssim``, ``highpass_rel_error``, ``recon_bce`` (means), ``active_units``,
+    ``latent_dim``, ``accuracy`` and ``accuracy_per_env`` ({name: acc}) when the model classifies,
+    ``n``."""
+    idx = list(indices) if not max_images else list(indices)[:max_images]
+    if not idx:
+        return {"n": 0}
+    was = model.training
+    model.eval()
+    ps, ss, hp, bce, mus, correct, envs = [], [], [], [], [], [], []
+    try:
+        for i in range(0, len(idx), batch_size):
+            items = [dataset[j] for j in idx[i:i + batch_size]]
+            x, t, y, e = (torch.stack(v) for v in zip(*items))
+            x, t = x.to(device), t.to(device)
+            logits, mu, _, y_logits = _forward(model, x, sample=False)
+            pred = torch.sigmoid(logits.float())
+            p_, s_ = image_metrics(pred, t)
+            ps.append(p_)
+            ss.append(s_)
+            hp.append(highpass_error(pred, t).cpu())
+            bce.append(F.binary_cross_entropy_with_logits(logits.float(), t, reduction="none").flatten(1).mean(1).cpu())
+            mus.append(mu.float().cpu())
+            envs.append(e)
+            if y_logits is not None:
+                correct.append((y_logits.argmax(1).cpu() == y).float())
+    finally:
+        model.train(was)
+    mu_all = torch.cat(mus)
+    out: dict[str, Any] = {"n": len(idx), "psnr": float(torch.cat(ps).mean()), "ssim": float(torch.cat(ss).mean()),
+                           "highpass_rel_error": float(torch.cat(hp).mean()),
+                           "recon_bce": float(torch.cat(bce).mean()),
+                           "active_units": active_units(mu_all) if len(mu_all) > 1 else None,
+                           "latent_dim": int(mu_all.shape[1])}
+    if correct:
+        c, e = torch.cat(correct), torch.cat(envs)
+        names = getattr(dataset, "environments", None)
+        out["accuracy"] = float(c.mean())
+        out["accuracy_per_env"] = {(names[k] if names else str(k)): float(c[e == k].mean())
+                                   for k in sorted(set(e.tolist()))}
+    return out
+
+
+def _recon_grid(model: nn.Module, dataset, indices: list[int], device, path: Path) -> Path:
+    from dualdiff.analysis.vae_plots import save_recon_grid
+
+    items = [dataset[j] for j in indices]
+    x, t = torch.stack([it[0] for it in items]).to(device), torch.stack([it[1] for it in items])
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = _forward(model, x, sample=False)[0]
+    finally:
+        model.train(was)
+    return save_recon_grid(t, torch.sigmoid(logits.float()).cpu(), path)
+
+
+# ---------------------------------------------------------------------------------------
+# entry points
+
+
+def train_vae(cfg: VAEConfig, out_dir: str | Path, *, resume: str | None = None,
+              data: tuple | None = None) -> dict[str, Any]:
+    """Train one model (module docstring); returns ``{"metrics": ..., "out_dir": ..., "trainer": ...}``.
+
+    ``resume``: None, ``auto`` (newest checkpoint in ``out_dir`` if any) or a checkpoint path.
+    ``data``: ``(dataset, DomainSplit, test_env index or None)`` to train on instead of
+    ``cfg.data`` (items as :mod:`dualdiff.data.fundus` describes; e.g. the ldm experiment's
+    histology tiles for its ``conv_kl`` autoencoder)."""
+    from dualdiff.analysis.vae_plots import plot_training
+
+    cfg.validate()
+    out = Path(out_dir)
+    ds, split, test_env = data if data is not None else build_vae_data(cfg.data, cfg.model.image_size)
+    with torch.random.fork_rng(devices=[]):  # initial weights depend on train.seed only
+        torch.manual_seed(derive_seed(cfg.train.seed, "vae-init"))
+        model = build_vae_model(cfg.model, len(ds.classes))
+    tcfg = dataclasses.replace(cfg.train, out_dir=str(out), resume=resume if resume is not None else cfg.train.resume)
+    run_cfg = dataclasses.replace(cfg, train=tcfg)
+    loss = VAELoss(cfg)
+    grid_idx = (split.val or split.train)[:cfg.recon_images]
+
+    def eval_fn(m: nn.Module, step: int) -> dict:
+        _recon_grid(m, ds, grid_idx, trainer.device, out / f"recon_step_{step}" / "grid.png")
+        r = evaluate_vae(m, ds, split.val, device=trainer.device, batch_size=cfg.train.batch_size,
+                         max_images=min(cfg.eval_images or 64, 64))
+        return {k: r[k] for k in ("psnr", "highpass_rel_error", "accuracy") if k in r}
+
+    trainer = Trainer(model, loss, torch.utils.data.Subset(ds, split.train), tcfg,
+                      eval_fn=eval_fn, run_config=run_cfg)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    m = trainer.ema_model
+    metrics: dict[str, Any] = {"step": trainer.step, "train_images": len(split.train)}
+    metrics["val"] = evaluate_vae(m, ds, split.val, device=trainer.device, batch_size=cfg.train.batch_size,
+                                  max_images=cfg.eval_images)
+    if split.test:
+        metrics["test"] = evaluate_vae(m, ds, split.test, device=trainer.device,
+                                       batch_size=cfg.train.batch_size, max_images=cfg.eval_images)
+        metrics["test_env"] = ds.environments[test_env]
+    _recon_grid(m, ds, grid_idx, trainer.device, out / "recon_final" / "grid.png")
+    if trainer.is_main:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if trainer.is_main and cfg.plots:
+        plot_training(trainer.history, out / "training.png", title=f"vae {cfg.model.arch}")
+    return {"metrics": metrics, "out_dir": out, "trainer": trainer}
+
+
+def load_vae_model(path: str | Path, *, ema: bool = True, map_location: Any = "cpu") -> tuple[nn.Module, VAEConfig]:
+    """``(model, config)`` from a checkpoint of :func:`train_vae` (a file, or a run folder: its
+    newest checkpoint), e.g. the ``conv_kl`` autoencoder for latent diffusion. Loads with
+    ``weights_only=True``, the EMA weights when ``ema`` and present; the model in eval mode."""
+    from dualdiff.config import from_dict
+    from dualdiff.train import CheckpointError, latest_checkpoint, load_checkpoint
+
+    p = Path(path)
+    if p.is_dir():
+        found = latest_checkpoint(p / "checkpoints")
+        if found is None:
+            raise FileNotFoundError(f"no checkpoint under {str(p / 'checkpoints')!r}")
+        p = found
+    state = load_checkpoint(p, map_location=map_location)
+    run = state.get("run_config")
+    if not run or "model" not in run:
+        raise CheckpointError(f"checkpoint {str(p)!r} has no vae run config: was it written by train_vae?")
+    cfg = from_dict(VAEConfig, run)
+    weights = state["ema"]["model"] if ema and state.get("ema") else state["model"]
+    n_cls = weights["classifier.weight"].shape[0] if "classifier.weight" in weights else 5
+    model = build_vae_model(cfg.model, n_cls)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {str(p)!r} does not fit the model its config describes: {e}") from e
+    return model.eval(), cfg
+
+
+def loo_vae(cfg: VAEConfig, out_dir: str | Path, *, resume: str | None = None) -> dict[str, dict]:
+    """Leave-one-domain-out: one model per held-out environment under ``out_dir/<env>/``;
+    writes ``loo.json`` ({env: test/val accuracy and recon metrics}) and ``loo.png``."""
+    from dualdiff.analysis.vae_plots import plot_loo
+
+    out = Path(out_dir)
+    envs = _environment_names(cfg.data)
+    summary: dict[str, dict] = {}
+    for env in envs:
+        c = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, test_env=env))
+        res = train_vae(c, out / env, resume=resume)["metrics"]
+        summary[env] = {"test_accuracy": res["test"].get("accuracy"), "val_accuracy": res["val"].get("accuracy"),
+                        "test_psnr": res["test"]["psnr"], "val_psnr": res["val"]["psnr"]}
+    (out / "loo.json").write_text(json.dumps(summary, indent=2))
+    plot_loo(summary, out / "loo.png")
+    return summary
+
+
+SWEEP_KL_WEIGHTS = (5e-5, 1e-4, 5e-4)
+
+
+def sweep_vae(cfg: VAEConfig, out_dir: str | Path, *, kl_weights=SWEEP_KL_WEIGHTS,
+              resume: str | None = None) -> dict[str, dict]:
+    """One run per kl_weight under ``out_dir/kl_<w>/``; writes ``sweep.json`` (validation
+    metrics per weight) and ``sweep.png``. A larger weight blurs more (lower PSNR, higher
+    high-pass error, fewer active units) — the opposite of the seed's troubleshooting advice."""
+    from dualdiff.analysis.vae_plots import plot_sweep
+
+    out = Path(out_dir)
+    summary: dict[str, dict] = {}
+    for w in kl_weights:
+        c = dataclasses.replace(cfg, kl_weight=float(w))
+        res = train_vae(c, out / f"kl_{w:g}", resume=resume)["metrics"]
+        summary[f"{w:g}"] = res["val"]
+    (out / "sweep.json").write_text(json.dumps(summary, indent=2))
+    plot_sweep(summary, out / "sweep.png")
+    return summary
+
+
+def _environment_names(cfg: VAEDataConfig) -> list[str]:
+    if cfg.source == "fundus":
+        from dualdiff.data.fundus import FUNDUS_ENVIRONMENTS
+        return list(cfg.environments or FUNDUS_ENVIRONMENTS)
+    from dualdiff.data.fundus import DomainFolder
+    return DomainFolder(cfg.path, 16).environments
+
+
+def plot_vae(out_dir: str | Path) -> list[Path]:
+    """Redraw the figures of a finished run, sweep or loo folder; returns the files written."""
+    from dualdiff.analysis.vae_plots import plot_loo, plot_sweep, plot_training
+    from dualdiff.train import read_jsonl
+
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise FileNotFoundError(f"--out-dir: no such folder: {str(out)!r}")
+    written = []
+    if (out / "metrics.jsonl").is_file():
+        written.append(plot_training(read_jsonl(out / "metrics.jsonl"), out / "training.png"))
+    if (out / "sweep.json").is_file():
+        written.append(plot_sweep(json.loads((out / "sweep.json").read_text()), out / "sweep.png"))
+    if (out / "loo.json").is_file():
+        written.append(plot_loo(json.loads((out / "loo.json").read_text()), out / "loo.png"))
+    if not written:
+        raise FileNotFoundError(f"{str(out)!r} holds no vae run (metrics.jsonl, sweep.json or loo.json)")
+    return written
+
+
+def demo_vae(out_dir: str | Path = "runs/vae-demo", cfg: VAEConfig | None = None) -> dict[str, Any]:
+    """Train the tiny preset on the embedded fundus set (a few CPU minutes); returns train_vae's
+    result plus ``table``: rows (step, beta, recon, kl, ce, loss) of the logged steps."""
+    cfg = cfg or VAEConfig.from_name("tiny")
+    res = train_vae(cfg, out_dir)
+    hist = res["trainer"].history
+    res["table"] = [{k: r.get(k) for k in ("step", "beta", "recon", "kl", "ce", "loss")} for r in hist
+                    if "recon" in r]
+    return res

@@ -1,0 +1,77 @@
+"""`dualdiff ldm ...`: user mistakes are one `dualdiff: error:` line (exit 2); the pipeline runs
+end to end on a micro configuration."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dualdiff.cli import main
+
+MICRO = ["preset=tiny", "data.image_size=16", "data.num_train=32", "data.num_test=8", "ae.base_channels=8",
+         "ae.steps=4", "ae.batch_size=8", "model.dim=8", "model.attn_heads=1", "model.attn_dim_head=4",
+         "train.steps=4", "train.batch_size=8", "train.log_every=2", "sampling_timesteps=3",
+         "eval_requests=2", "eval_samples=2", "num_samples=2", "eval_loss_batches=1", "eval_cond_scales=[1,3]"]
+
+
+def _error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dualdiff: error:"), err
+    return err[0]
+
+
+@pytest.mark.parametrize("cmd", ["autoencoder", "encode", "train", "sample", "eval", "plot", "demo"])
+def test_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["ldm", cmd, "--help"])
+    assert e.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+def _folder(root, size=16):
+    rng = np.random.default_rng(0)
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / "images" / f"a{i}.png")
+        Image.fromarray(rng.integers(0, 5, (size, size), dtype=np.uint8)).save(root / "masks" / f"a{i}.png")
+    return root
+
+
+def test_user_mistakes(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert "unknown objective 'pred_eps'" in _error(capsys, ["ldm", "train", "--out-dir", out, "objective=pred_eps"])
+    assert "run `dualdiff ldm encode` first" in _error(capsys, ["ldm", "train", "--out-dir", out, *MICRO])
+    assert "model.channels (3) must equal ae.latent_channels" in _error(
+        capsys, ["ldm", "train", "--out-dir", out, "model.channels=3"])
+    assert "no checkpoint" in _error(capsys, ["ldm", "sample", "--out-dir", out])
+    data = _folder(tmp_path / "data")
+    argv = ["ldm", "encode", "--out-dir", out, *MICRO, "data.source=folder", f"data.path={data}"]
+    Image.fromarray(np.full((16, 16), 5, np.uint8)).save(data / "masks" / "a1.png")
+    assert "they must be in [0, 4]" in _error(capsys, argv)
+    Image.fromarray(np.zeros((16, 12), np.uint8)).save(data / "masks" / "a1.png")
+    assert "'a1.png' is 16x16 but its mask 'a1.png' is 12x16" in _error(capsys, argv)
+    (data / "masks" / "a1.png").unlink()
+    assert "missing mask file for image 'a1.png'" in _error(capsys, argv)
+    _folder(data)
+    assert "no autoencoder at" in _error(capsys, argv)
+    assert "ae.path: no such folder" in _error(capsys, argv + ["ae.source=diffusers", f"ae.path={tmp_path / 'none'}"])
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    for cmd in ("autoencoder", "encode", "train"):
+        assert main(["ldm", cmd, "--out-dir", out, *MICRO]) == 0, cmd
+    assert main(["ldm", "sample", "--out-dir", out, "cond_scale=6"]) == 0
+    assert main(["ldm", "eval", "--out-dir", out]) == 0
+    assert main(["ldm", "plot", "--out-dir", out]) == 0
+    ev = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert len(ev["cond_error"]) == 4 and all(0 <= r["cond_error"] <= 1 for r in ev["cond_error"])
+    assert set(ev["loss_per_t_quartile"]) == {"pred_noise", "pred_x0", "pred_v"}
+    assert np.isfinite(ev["frechet_ae_features"])
+    s = torch.load(tmp_path / "run" / "samples" / "samples.pt", weights_only=True)
+    assert s["images"].shape == (4, 3, 16, 16)
+    for f in ("training.png", "loss_quartiles.png", "cond_error.png", "samples/grid.png", "eval_grids/cond_scale_3.png"):
+        assert (tmp_path / "run" / f).is_file(), f

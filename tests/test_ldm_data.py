@@ -1,0 +1,104 @@
+"""ldm data: class distributions, the stain rule, tiles, folders, the latent cache, balanced sampling."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dualdiff.data.histology import (DataError, EmbeddedHistology, HistologyFolder, StainRule, balanced_cutoffs,
+                                     balanced_indices, class_distribution, rgb_to_hed, split_indices)
+from dualdiff.data.latent_cache import CacheError, LatentCache, latent_scale
+
+
+def test_class_distribution_of_hand_made_masks():
+    m = torch.zeros(2, 4, 4, dtype=torch.long)
+    m[0, :2] = 4          # half strong DAB, half background
+    m[1, 0, 0] = 2        # one nucleus pixel out of 16
+    m[1, 3] = 1           # a row of other tissue
+    d = class_distribution(m, 5)
+    torch.testing.assert_close(d, torch.tensor([[0.5, 0, 0, 0, 0.5], [11 / 16, 4 / 16, 1 / 16, 0, 0]]))
+    with pytest.raises(DataError, match=r"values must be in \[0, 4\]"):
+        class_distribution(torch.full((3, 3), 5), 5)
+    with pytest.raises(DataError, match="integers"):
+        class_distribution(torch.zeros(3, 3), 5)
+
+
+def test_rgb_to_hed_matches_scikit_image_and_rule_classes():
+    skcolor = pytest.importorskip("skimage.color")
+    x = torch.rand(2, 3, 6, 7)
+    ref = np.stack([skcolor.rgb2hed(i.permute(1, 2, 0).double().numpy()) for i in x])
+    np.testing.assert_allclose(rgb_to_hed(x).permute(0, 2, 3, 1).numpy(), ref, atol=1e-5)
+    white, blue, brown = [0.95, 0.95, 0.95], [0.3, 0.3, 0.6], [0.45, 0.25, 0.1]
+    img = torch.tensor([white, blue, brown]).T.reshape(1, 3, 1, 3)
+    assert StainRule()(img).tolist() == [[[0, 2, 4]]]
+
+
+def test_embedded_tiles_are_deterministic_and_split_by_region():
+    a = EmbeddedHistology("train", 6, 32, seed=3)
+    b = EmbeddedHistology("train", 6, 32, seed=3)
+    torch.testing.assert_close(a.images, b.images)
+    item = a[0]
+    assert item["image"].shape == (3, 32, 32) and item["mask"].shape == (32, 32) and item["has_mask"]
+    torch.testing.assert_close(item["dist"].sum(), torch.tensor(1.0))
+    torch.testing.assert_close(class_distribution(a.masks, 5), a.dists)
+    with pytest.raises(DataError, match="does not fit the test region"):
+        EmbeddedHistology("test", 2, 200)
+
+
+def _folder(tmp_path, n=4, size=16, unlabelled=1):
+    rng = np.random.default_rng(0)
+    for sub in ("images", "masks", "unlabelled"):
+        (tmp_path / sub).mkdir(exist_ok=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(tmp_path / "images" / f"t{i}.png")
+        Image.fromarray(rng.integers(0, 5, (size, size), dtype=np.uint8)).save(tmp_path / "masks" / f"t{i}.png")
+    for i in range(unlabelled):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(tmp_path / "unlabelled" / f"u{i}.png")
+    return tmp_path
+
+
+def test_folder_items_split_and_errors(tmp_path):
+    root = _folder(tmp_path)
+    ds = HistologyFolder(root, size=8)
+    assert len(ds) == 5 and ds.pixel_counts.sum() == 4 * 16 * 16
+    item, unl = ds[0], ds[4]
+    assert item["image"].shape == (3, 8, 8) and item["has_mask"] and item["mask"].max() < 5
+    assert not unl["has_mask"] and unl["dist"].sum() == 0
+    train, val = split_indices(20, 0.1, seed=0)
+    assert len(train) == 18 and len(val) == 2 and not set(train) & set(val)
+    Image.fromarray(np.full((16, 16), 7, np.uint8)).save(root / "masks" / "t1.png")
+    with pytest.raises(DataError, match="t1.png.*values 7..7"):
+        HistologyFolder(root)
+    Image.fromarray(np.zeros((8, 16), np.uint8)).save(root / "masks" / "t1.png")
+    with pytest.raises(DataError, match="is 16x16 but its mask"):
+        HistologyFolder(root)
+    (root / "masks" / "t1.png").unlink()
+    with pytest.raises(DataError, match="missing mask file for image 't1.png'"):
+        HistologyFolder(root)
+
+
+def test_balanced_cutoffs_and_sampling():
+    assert balanced_cutoffs(0.5) == [0.5, 0.625, 0.75, 0.875, 1.0]
+    assert balanced_cutoffs(1.0) == [1.0] * 5  # the seed's test value: no balancing
+    d = torch.zeros(100, 5)
+    d[:, 1] = 1.0
+    d[0] = torch.tensor([0, 0, 0, 0, 1.0])  # one tile holds the rare class 4
+    idx = balanced_indices(d, 4000, 0.5, torch.Generator().manual_seed(0))
+    share = (idx == 0).float().mean().item()
+    assert abs(share - (0.125 + 0.5 / 100)) < 0.02  # its class's 1/8 plus the uniform share
+    idx1 = balanced_indices(d, 4000, 1.0, torch.Generator().manual_seed(0))
+    assert (idx1 == 0).float().mean().item() < 0.03
+
+
+def test_latent_cache_round_trip(tmp_path):
+    z = torch.randn(6, 4, 2, 2) * 3
+    c = LatentCache(z, torch.rand(6, 5), torch.tensor([True] * 5 + [False]), latent_scale(z, 1.0, "auto"),
+                    {"split": "train"})
+    assert abs(c.scale - 1 / z.std().item()) < 1e-6  # an unfitted AE factor (1.0): 1/std
+    assert latent_scale(z, 0.18215, "auto") == 0.18215
+    back = LatentCache.load(c.save(tmp_path / "c.pt"))
+    for k in ("latents", "dist", "has_mask"):
+        assert torch.equal(getattr(back, k), getattr(c, k))
+    assert back.scale == c.scale and back.meta == {"split": "train"}
+    torch.testing.assert_close(back.scaled, z * c.scale)
+    with pytest.raises(CacheError, match="run `dualdiff ldm encode` first"):
+        LatentCache.load(tmp_path / "none.pt")
