@@ -58,7 +58,12 @@ _LDM = ["preset=tiny", "data.image_size=16", "data.num_train=32", "data.num_test
         "train.batch_size=8", "train.log_every=2", "sampling_timesteps=3", "eval_requests=2", "eval_samples=2",
         "num_samples=2", "eval_loss_batches=1", "eval_cond_scales=[1,3]"]
 
+_TOY2D = ["preset=tiny", "train.steps=4", "data.n_train=64", "train.batch_size=16", "n_samples=32",
+          "datasets=circle,dino", "variants=baseline,adaptive"]
+
 TINY: dict[tuple[str, ...], list[str]] = {
+    ("toy2d", "run"): _TOY2D,
+    ("toy2d", "plot"): [],
     ("lift", "demo"): _LIFT_DEMO,
     ("lift", "train"): _LIFT_TRAIN,
     ("lift", "heatmap"): _LIFT_ANALYSIS,

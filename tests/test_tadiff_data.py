@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from dualdiff.cli_common import UserError
 from dualdiff.data.tadiff import make_patient, write_procedural_patients
 from dualdiff.data.tadiff_io import (TaDiffDataError, TaDiffSlices, center_crop_pad, crop_foreground,
                                      list_npy_patients, load_nifti_patient, load_npy_patient)
@@ -96,5 +97,5 @@ def test_nifti_loader(tmp_path, require):
 
 def test_nifti_without_nibabel_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "nibabel", None)
-    with pytest.raises(ImportError, match=r"pip install 'dualdiff\[nifti\]'"):
+    with pytest.raises(UserError, match=r"pip install 'dualdiff\[nifti\]'"):
         load_nifti_patient(tmp_path, "p1")

@@ -95,8 +95,10 @@ def _nibabel():
     try:
         import nibabel
     except ImportError as e:
-        raise ImportError("reading NIfTI needs nibabel: pip install 'dualdiff[nifti]' "
-                          "(or pip install nibabel)") from e
+        from dualdiff.cli_common import UserError
+
+        raise UserError("reading NIfTI needs nibabel: pip install 'dualdiff[nifti]' "
+                        "(or pip install nibabel)") from e
     return nibabel
 
 
