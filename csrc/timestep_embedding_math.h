@@ -9,13 +9,7 @@
 
 #include <cmath>
 
-#ifndef DD_HD
-#if defined(__CUDACC__)
-#define DD_HD __host__ __device__ __forceinline__
-#else
-#define DD_HD inline __attribute__((always_inline))
-#endif
-#endif
+#include "dd_hd.h"
 
 namespace dualdiff {
 namespace temb {

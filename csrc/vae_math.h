@@ -12,13 +12,7 @@
 // __host__ __device__ under nvcc; g++ (no CUDA) sees plain always-inline functions.
 #pragma once
 
-#ifndef DD_HD
-#if defined(__CUDACC__)
-#define DD_HD __host__ __device__ __forceinline__
-#else
-#define DD_HD inline __attribute__((always_inline))
-#endif
-#endif
+#include "dd_hd.h"
 
 namespace dualdiff {
 namespace vae {

@@ -18,11 +18,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define DD_HD __host__ __device__ __forceinline__
-#else
-#define DD_HD inline __attribute__((always_inline))
-#endif
+#include "dd_hd.h"
 
 namespace dualdiff {
 namespace dice {
