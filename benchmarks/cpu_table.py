@@ -111,12 +111,52 @@ def lift_rows(rounds: int, compile_: bool):
                res["seed loop"])
 
 
+def train_rows(rounds: int):
+    """The tiny LIFT training step (the README demo's: B=8, fused AdamW) with dualdiff's GroupNorm
+    on ``F.group_norm`` (its path outside forward AD) against its forward-AD-safe composite (every
+    call before 2026-12-01)."""
+    import contextlib
+
+    from dualdiff.experiments.lift import LIFTConfig, LIFTLoss, build_lift_model, build_lift_schedule
+    from dualdiff.nn.layers import GroupNorm
+
+    @contextlib.contextmanager
+    def composite_group_norm():
+        native = GroupNorm.forward
+        GroupNorm.forward = lambda self, x: self._composite(x, x)
+        try:
+            yield
+        finally:
+            GroupNorm.forward = native
+
+    cfg = LIFTConfig.from_name("tiny")
+    x = torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    def make(composite: bool):
+        torch.manual_seed(0)
+        model = build_lift_model(cfg).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        loss_fn = LIFTLoss(build_lift_schedule(cfg))
+
+        def step():
+            with composite_group_norm() if composite else contextlib.nullcontext():
+                loss, _ = loss_fn(model, x)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        return step
+
+    res = interleaved({"native": make(False), "composite": make(True)}, max(3, rounds // 2), 2, warmup=2)
+    yield ("LIFT tiny training step", "B=8, 64x64", "GroupNorm on F.group_norm", "GroupNorm composite",
+           res["native"], res["composite"])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--lift-compile", action="store_true", help="add the compiled LIFT cell variants (slow to compile)")
-    p.add_argument("--what", default="ops,paths,lift")
+    p.add_argument("--what", default="ops,paths,lift,train")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
@@ -129,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|", flush=True)
     what = set(a.what.split(","))
     groups = ([op_rows(a.rounds)] if "ops" in what else []) + ([path_rows(a.rounds)] if "paths" in what else []) \
-        + ([lift_rows(a.rounds, a.lift_compile)] if "lift" in what else [])
+        + ([lift_rows(a.rounds, a.lift_compile)] if "lift" in what else []) \
+        + ([train_rows(a.rounds)] if "train" in what else [])
     for rows in groups:
         for what_, shape, fast, base, t_fast, t_base in rows:
             ratio = f"{t_base / t_fast:.2f}x" if t_base else "-"

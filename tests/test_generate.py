@@ -96,9 +96,11 @@ def test_oracle_ddim_recovers_the_data(schedule, kind):
     torch.testing.assert_close(x32, c32.expand(2, -1, -1, -1), atol=1e-4, rtol=0)
 
 
-def test_generate_matches_diffusers_ddim(schedule, require):
+@pytest.mark.parametrize("clipped", [False, True])
+def test_generate_matches_diffusers_ddim(schedule, require, clipped):
     """generate() on a t-dependent model along the DDIM scheduler's own timesteps equals a
-    plain diffusers DDIMScheduler loop (same betas, clip_sample, eta 0) at both scales."""
+    plain diffusers DDIMScheduler loop (same betas, clip_sample, eta 0, use_clipped_model_output)
+    at both scales."""
     diffusers = require("diffusers")
     torch.manual_seed(0)
     tiny = TinyDual()
@@ -119,13 +121,15 @@ def test_generate_matches_diffusers_ddim(schedule, require):
     ds.set_timesteps(7)
     path = make_path("ddim", schedule, num_steps=7)
     assert path.t64.tolist() == ds.timesteps.tolist()
-    x64, x32 = generate(model, path, 2, schedule=schedule, size=16, generator=torch.Generator().manual_seed(3))
+    x64, x32 = generate(model, path, 2, schedule=schedule, size=16, generator=torch.Generator().manual_seed(3),
+                        clipped_model_output=clipped)
     g = torch.Generator().manual_seed(3)
     a, b = torch.randn(2, 3, 16, 16, generator=g), torch.randn(2, 3, 8, 8, generator=g)
     with torch.no_grad():
         for t in ds.timesteps:
             e64, e32 = model(a, b, t.expand(2), t.expand(2))
-            a, b = ds.step(e64, t, a).prev_sample, ds.step(e32, t, b).prev_sample
+            a = ds.step(e64, t, a, use_clipped_model_output=clipped).prev_sample
+            b = ds.step(e32, t, b, use_clipped_model_output=clipped).prev_sample
     torch.testing.assert_close(x64, a.clamp(-1, 1), atol=1e-5, rtol=0)
     torch.testing.assert_close(x32, b.clamp(-1, 1), atol=1e-5, rtol=0)
 

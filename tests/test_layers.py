@@ -81,11 +81,53 @@ def test_group_norm_jvp_matches_torch_group_norm():
     torch.testing.assert_close(jt, jt_ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_group_norm_native_path_matches_composite(dtype):
+    """Outside forward AD the layer runs F.group_norm; the composite (used under jvp) is the
+    same function: outputs and gradients agree."""
+    _, ours = _pair(4, 8)
+    ours = ours.to(dtype)
+    x = (torch.randn(3, 8, 5, 6) * 2 + 0.5).to(dtype).requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    y = ours(x)
+    xs = x2.float() if dtype == torch.bfloat16 else x2
+    y_c = ours._composite(x2, xs)
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    assert y.dtype == y_c.dtype == dtype
+    torch.testing.assert_close(y, y_c, **tol)
+    g = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (x, ours.weight), g)
+    gx_c, gw_c = torch.autograd.grad(y_c, (x2, ours.weight), g)
+    torch.testing.assert_close(gx, gx_c, **tol)
+    torch.testing.assert_close(gw, gw_c, **(tol if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)))
+
+
+def test_group_norm_uses_native_kernel_outside_jvp_only(monkeypatch):
+    calls = {"n": 0}
+    real = F.group_norm
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(layers.F, "group_norm", counting)
+    _, ours = _pair(4, 8)
+    x = torch.randn(2, 8, 4, 4)
+    ours(x)
+    assert calls["n"] == 1
+    jvp(ours, (x,), (torch.randn_like(x),))
+    with jvp_safe():
+        ours(x)
+    assert calls["n"] == 1
+
+
 def test_group_norm_compiled_jvp():
+    """Compiled jvp code runs under jvp_safe (the module's contract): the composite path."""
     _, ours = _pair(2, 4)
 
     def f(x, t):
-        return jvp(ours, (x,), (t,))
+        with jvp_safe():
+            return jvp(ours, (x,), (t,))
 
     x, t = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
     out, jt = torch.compile(f, backend="aot_eager", fullgraph=True)(x, t)

@@ -193,6 +193,26 @@ def test_ddim_sample_matches_diffusers_loop(pred, eta, diffusers):
     assert len(got.trajectory) == 25
 
 
+@pytest.mark.parametrize("use_clipped", [False, True])
+def test_ddim_sample_clipped_model_output_matches_diffusers_loop(use_clipped, diffusers):
+    d = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", clip_sample=True)
+    s = NoiseSchedule(d.betas.double())
+    d.alphas_cumprod = s.alphas_cumprod.clone()
+    d.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64)
+    sched = DDIMScheduler(s)
+    d.set_timesteps(10)
+    x_T = 2 * torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    x = x_T.clone()
+    for t in d.timesteps:
+        x = d.step(_toy_model(x, torch.full((3,), int(t))), t, x, use_clipped_model_output=use_clipped).prev_sample
+    kw = dict(clip_sample=True, use_clipped_model_output=use_clipped)
+    got = ddim_sample(_toy_model, x_T, sched.set_timesteps(10, "leading"), sched, **kw).sample
+    torch.testing.assert_close(got, x, rtol=1e-9, atol=1e-9)
+    other = ddim_sample(_toy_model, x_T, sched.set_timesteps(10, "leading"), sched, clip_sample=True,
+                        use_clipped_model_output=not use_clipped).sample
+    assert (other - got).abs().max() > 1e-3  # the clip is active: the option changes the samples
+
+
 def test_ddim_sample_per_sample_sequences_equal_each_alone():
     s = make_schedule("cosine")
     sched = DDIMScheduler(s)

@@ -18,7 +18,9 @@ Path kinds (:func:`make_path`):
 * a path file written by :meth:`GenerationPath.save` (JSON).
 
 The public code's sampler uses ``clip_sample=True`` (x0 clipped to [-1, 1]) and eta = 0: the
-defaults here.
+defaults here. ``clipped_model_output=True`` re-derives ε from the clipped x0 in every step
+(diffusers' ``use_clipped_model_output``; off in the public code), so a step never mixes a
+clipped x0 with the ε of the unclipped one.
 """
 from __future__ import annotations
 
@@ -181,7 +183,8 @@ def _model_fn(model: Callable):
 @torch.no_grad()
 def generate(model: Callable, path: GenerationPath, n: int, *, schedule: NoiseSchedule | None = None,
              device=None, generator: torch.Generator | None = None, eta: float = 0.0, clip_sample: bool = True,
-             size: int = 64, channels: int = 3, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+             size: int = 64, channels: int = 3, progress: bool = False,
+             clipped_model_output: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample ``n`` images along ``path``; returns ``(x64, x32)`` in [-1, 1] (clamped)."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
@@ -201,7 +204,8 @@ def generate(model: Callable, path: GenerationPath, n: int, *, schedule: NoiseSc
         model.eval()
     try:
         out = ddim_sample(_model_fn(model), (x64, x32), (t64, t32), sched, eta=eta, clip_sample=clip_sample,
-                          generator=generator if eta > 0 else None, progress=progress)
+                          generator=generator if eta > 0 else None, progress=progress,
+                          use_clipped_model_output=clipped_model_output)
     finally:
         if was_training and hasattr(model, "train"):
             model.train()
@@ -237,7 +241,8 @@ def save_pngs(images: torch.Tensor, out_dir: str | os.PathLike, start: int = 0) 
 
 def generate_for_fid(model: Callable, path: GenerationPath, n: int, out_dir: str | os.PathLike,
                      batch_size: int = 64, *, schedule: NoiseSchedule | None = None, seed: int = 0, device=None,
-                     eta: float = 0.0, clip_sample: bool = True, progress: bool = True) -> list[Path]:
+                     eta: float = 0.0, clip_sample: bool = True, progress: bool = True,
+                     clipped_model_output: bool = False) -> list[Path]:
     """Generate ``n`` 64x64 images along ``path`` and write them as PNGs to ``out_dir``.
 
     Batch k uses ``torch.Generator().manual_seed(seed + k)`` (CPU), so the images do not
@@ -258,7 +263,7 @@ def generate_for_fid(model: Callable, path: GenerationPath, n: int, out_dir: str
             b = min(batch_size, n - start)
             g = torch.Generator().manual_seed(seed + k)
             x64, _ = generate(model, path, b, schedule=schedule, device=device, generator=g, eta=eta,
-                              clip_sample=clip_sample)
+                              clip_sample=clip_sample, clipped_model_output=clipped_model_output)
             files += save_pngs(x64, out_dir, start)
             if bar is not None:
                 bar.update(b)

@@ -187,6 +187,7 @@ def ddim_sample(
     generator: torch.Generator | None = None,
     progress: bool = False,
     return_trajectory: bool = False,
+    use_clipped_model_output: bool = False,
 ) -> SampleOutput:
     """Run DDIM along explicit timestep sequences.
 
@@ -194,7 +195,8 @@ def ddim_sample(
     t_prev = -1, the clean sample). ``timesteps`` is [S] or per-sample [S, B], non-increasing
     (repeats allowed: a sample whose t does not change keeps its x when eta = 0); for a tuple
     ``x_T`` give a tuple of sequences with the same S. ``model_fn(x, t)`` gets the current x
-    and long t [B] (tuples for tuple inputs). Returns ``SampleOutput(sample, trajectory)``.
+    and long t [B] (tuples for tuple inputs). ``use_clipped_model_output``: re-derive ε from the
+    clipped x0 in every step (:meth:`DDIMScheduler.step`). Returns ``SampleOutput(sample, trajectory)``.
     """
     if not isinstance(scheduler, DDIMScheduler):
         raise TypeError(f"scheduler must be a DDIMScheduler, got {type(scheduler).__name__}")
@@ -219,6 +221,7 @@ def ddim_sample(
                 scheduler.step(
                     o, t, x, p, eta=eta, prediction_type=prediction_type, clip_sample=clip_sample,
                     clip_range=clip_range, generator=generator,
+                    use_clipped_model_output=use_clipped_model_output,
                 ).prev_sample
             )
         xs = tuple(new)

@@ -133,16 +133,18 @@ class LIFTConfig:
 
 
 def _tiny() -> LIFTConfig:
-    """CPU demo / tests: ~0.24 M-parameter model, 256 procedural images, 500 steps of 8.
+    """CPU demo / tests: ~0.24 M-parameter model, 256 procedural images, 800 steps of 8.
 
     Sized for the README's demo (train + analysis within 5 minutes on 2 cores without
-    AVX-512): a step of 8 costs about half a step of 16 (measured 0.43x-0.51x), so the old
-    preset (600 steps of 16 on 1024 images) cost about 2.4x this one. Measured with 500 steps each: channels [16, 32] at batch 8 on
-    256 images reached loss 0.12, channels [8, 16, 32] at batch 16 on 1024 images 0.30. EMA
-    0.99 after a 100-step warm-up (EMA = weights until then): the warm-up weights keep
-    0.99**400 < 2% of the average. ``train.min_lr`` 2e-5 allows ``train.lr`` overrides down to
-    2e-5 (the README's ``train.lr=2e-4``)."""
-    train = TrainConfig(steps=500, batch_size=8, lr=2e-3, optimizer="adamw", weight_decay=0.01,
+    AVX-512: 800 steps took 176 s there, the whole demo 220 s). A step of 8 costs about half a
+    step of 16; with 500 steps each, channels [16, 32] at batch 8 on 256 images reached loss
+    0.12, channels [8, 16, 32] at batch 16 on 1024 images 0.30. Tried at the same budget and
+    not kept (samples no better): channels [16, 32, 64], batch 4 x 1600 steps, 16 images,
+    v-parameterised output, loss weights up to 20x at high noise, zero-initialised
+    ResBlock outputs. EMA 0.99 after a 100-step warm-up (EMA = weights until then).
+    ``train.min_lr`` 2e-5 allows ``train.lr`` overrides down to 2e-5 (the README's
+    ``train.lr=2e-4``)."""
+    train = TrainConfig(steps=800, batch_size=8, lr=2e-3, optimizer="adamw", weight_decay=0.01,
                         scheduler="cosine", min_lr=2e-5, grad_clip=1.0, ema_decay=0.99,
                         ema_warmup=100, checkpoint_every=0, out_dir="runs/lift-tiny", log_every=10,
                         progress=False)

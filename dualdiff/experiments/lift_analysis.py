@@ -76,7 +76,8 @@ class LIFTAnalysisConfig:
     Paths: ``num_steps`` sampling points (diagonal / seed DP), ``fixed_steps`` moves and
     ``max_jump`` of the fixed-step DP (a fixed-step path samples with fixed_steps + 1 points),
     ``paths`` the kinds generated and compared (a kind or a ``path_*.json`` file).
-    Generation: ``num_images`` for FID, ``batch_size``, ``eta``, ``clip_sample``, ``grid_images``;
+    Generation: ``num_images`` for FID, ``batch_size``, ``eta``, ``clip_sample``,
+    ``clipped_model_output`` (re-derive ε from the clipped x0: :mod:`dualdiff.analysis.generate`), ``grid_images``;
     ``fid_path``: the path kind (or ``path_*.json``) of ``generate-for-fid``.
     MSE: ``mse_timestep``, ``mse_samples``. FID: ``fid_dims``, ``inception_weights`` (a local
     ``pt_inception-2015-12-05-6726825d.pth``), ``fid_cache_dir``, ``fid_download`` (let
@@ -103,6 +104,7 @@ class LIFTAnalysisConfig:
     batch_size: int = 64
     eta: float = 0.0
     clip_sample: bool = True
+    clipped_model_output: bool = False
     grid_images: int = 16
     fid_path: str = "diagonal"
     mse_timestep: int = 500
@@ -143,15 +145,19 @@ def _from_presets(presets: dict, name: str, what: str):
 
 def _analysis_tiny() -> LIFTAnalysisConfig:
     """The demo's CPU-sized analysis: a 6x6 heatmap, 50 sampling steps on the diagonal and seed-DP
-    paths (the fixed-step path has fixed_steps + 1 = 9), eta = 1.
+    paths (the fixed-step path has fixed_steps + 1 = 9), eta = 1, ε re-derived from the clipped x0.
 
     eta = 1 (stochastic DDIM): the demo's briefly trained model has ε errors at high noise that
     deterministic DDIM (eta = 0) carries to the end as per-pixel noise (measured: 50 steps at
     eta 0 gave pure noise where eta 1 gave colour blobs); the added noise lets later steps
-    correct them. Override with eta=0 for the seed's sampler."""
+    correct them. ``clipped_model_output``: at high noise the x0 implied by a slightly wrong ε
+    is far outside [-1, 1]; the seed's step clips it but keeps the unclipped ε, which adds the
+    clipped-away part back as noise at every step (measured: smoother blobs with it, at no
+    cost). Override with ``eta=0 clipped_model_output=false`` for the seed's sampler."""
     return LIFTAnalysisConfig(num_points=6, heatmap_samples=4, probes=2, num_steps=50, fixed_steps=8,
                               max_jump=3, num_images=64, batch_size=32, grid_images=8, mse_samples=64,
-                              eta=1.0, paths=["diagonal", "dp_total", "dp_64", "fixed_total"])
+                              eta=1.0, clipped_model_output=True,
+                              paths=["diagonal", "dp_total", "dp_64", "fixed_total"])
 
 
 #: name -> zero-argument function building a fresh config (``preset=NAME`` on the command line)
@@ -389,6 +395,7 @@ def _generate_grids(model, schedule, out_dir, cfg: LIFTAnalysisConfig, gen: dict
     samples = {}
     for name, p in gen.items():
         x64, _ = generate(model, p, cfg.grid_images, schedule=schedule, eta=cfg.eta, clip_sample=cfg.clip_sample,
+                          clipped_model_output=cfg.clipped_model_output,
                           generator=torch.Generator().manual_seed(cfg.seed))
         save_image_grid(x64, out / f"samples_{name}.png", nrow=_nrow(cfg.grid_images))
         samples[name] = x64
@@ -404,7 +411,8 @@ def run_generate_for_fid(checkpoint, out_dir, cfg: LIFTAnalysisConfig, heatmap=N
     model, _, schedule = load_analysis_model(checkpoint, cfg)
     (p,) = _generation_paths(cfg, schedule, heatmap, [cfg.fid_path]).values()
     return generate_for_fid(model, p, cfg.num_images, out_dir, cfg.batch_size, schedule=schedule,
-                            seed=cfg.seed, eta=cfg.eta, clip_sample=cfg.clip_sample)
+                            seed=cfg.seed, eta=cfg.eta, clip_sample=cfg.clip_sample,
+                            clipped_model_output=cfg.clipped_model_output)
 
 
 def _allow_download(cfg: LIFTAnalysisConfig) -> bool | None:
@@ -505,7 +513,8 @@ def run_demo(cfg: LIFTDemoConfig, out_dir, *, quiet_progress: bool = True, print
                               extra_panels={"training images": training})
     for name, p in paths["generation"].items():
         say(f"  sampling path {name:11s} {_fmt_path(p)}")
-    say(f"sample grids ({acfg.grid_images} images per path, eta {acfg.eta:g}, {time.perf_counter() - t1:.1f} s): "
+    clipped = ", ε from the clipped x0" if acfg.clipped_model_output else ""
+    say(f"sample grids ({acfg.grid_images} images per path, eta {acfg.eta:g}{clipped}, {time.perf_counter() - t1:.1f} s): "
         f"{out / 'data_vs_samples.png'} (training images beside the samples), {out / 'samples.png'}")
     x = real_images(lcfg, acfg.mse_samples, acfg.seed + 1)
     mse_res = run_mse_tests(model, x, schedule, timestep=acfg.mse_timestep, batch_size=acfg.batch_size,
@@ -535,6 +544,7 @@ def run_demo(cfg: LIFTDemoConfig, out_dir, *, quiet_progress: bool = True, print
         for name, p in paths["generation"].items():
             generate_for_fid(model, p, acfg.num_images, out / f"fid_{name}", acfg.batch_size, schedule=schedule,
                              seed=acfg.seed, eta=acfg.eta, clip_sample=acfg.clip_sample,
+                             clipped_model_output=acfg.clipped_model_output,
                              progress=not quiet_progress)
             fids[name] = fid_from_folders(out / "real", out / f"fid_{name}", extractor=ext,
                                           cache_dir=acfg.fid_cache_dir or out / "fid_cache")

@@ -8,9 +8,11 @@ Two known traps make stock modules unusable inside forward-mode AD:
   through it raises ``NotImplementedError``.
 * ``F.group_norm`` fails under a compiled jvp on torch 2.11 (it works on later versions).
 
-:class:`GroupNorm` is a hand-written group norm built from elementary ops (each with a
-forward-AD formula and a decomposition), a drop-in for ``nn.GroupNorm`` (same arguments,
-parameters and ``state_dict`` keys).
+:class:`GroupNorm` is a drop-in for ``nn.GroupNorm`` (same arguments, parameters and
+``state_dict`` keys) that runs ``F.group_norm`` normally and a hand-written group norm built
+from elementary ops (each with a forward-AD formula and a decomposition) when forward-AD
+tangents may be present (the same switch as the attention below). The native kernel makes a
+training step of the tiny LIFT model ~25% faster on the CPU than the composite did.
 
 :class:`SelfAttention2d` is a UNet-style attention block (GroupNorm, 1x1 qkv projection,
 multi-head attention over all spatial positions, 1x1 output projection, residual) that
@@ -119,8 +121,16 @@ class GroupNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 2 or x.shape[1] != self.num_channels:
             raise ValueError(f"GroupNorm expected input [N, {self.num_channels}, *], got shape {tuple(x.shape)}")
-        n, c = x.shape[0], x.shape[1]
         xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        if not forward_ad_active():
+            w = self.weight.to(xs.dtype) if self.affine else None
+            b = self.bias.to(xs.dtype) if self.affine else None
+            return F.group_norm(xs, self.num_groups, w, b, self.eps).to(x.dtype)
+        return self._composite(x, xs)
+
+    def _composite(self, x: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        """The same maths from elementary ops (forward-AD safe, eager and compiled)."""
+        n, c = x.shape[0], x.shape[1]
         g = xs.reshape(n, self.num_groups, -1)
         mean = g.mean(dim=-1, keepdim=True)
         centered = g - mean
