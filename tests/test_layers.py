@@ -103,14 +103,7 @@ def test_group_norm_native_path_matches_composite(dtype):
 
 
 def test_group_norm_uses_native_kernel_outside_jvp_only(monkeypatch):
-    calls = {"n": 0}
-    real = F.group_norm
-
-    def counting(*a, **k):
-        calls["n"] += 1
-        return real(*a, **k)
-
-    monkeypatch.setattr(layers.F, "group_norm", counting)
+    calls = _count_calls(monkeypatch, "group_norm")
     _, ours = _pair(4, 8)
     x = torch.randn(2, 8, 4, 4)
     ours(x)
@@ -153,16 +146,21 @@ def test_sdpa_trap_is_real_on_this_torch():
     pytest.skip("this torch has a forward-AD formula for the default SDPA kernel")
 
 
-def _count_sdpa(monkeypatch):
+def _count_calls(monkeypatch, name: str) -> dict:
+    """Count the calls of ``F.<name>`` made by dualdiff.nn.layers: ``calls["n"]``."""
     calls = {"n": 0}
-    real = F.scaled_dot_product_attention
+    real = getattr(F, name)
 
     def counting(*args, **kwargs):
         calls["n"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(layers.F, "scaled_dot_product_attention", counting)
+    monkeypatch.setattr(layers.F, name, counting)
     return calls
+
+
+def _count_sdpa(monkeypatch):
+    return _count_calls(monkeypatch, "scaled_dot_product_attention")
 
 
 def test_attention_uses_sdpa_outside_jvp_and_explicit_inside(monkeypatch):
