@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 
 def _cuda() -> bool:
@@ -97,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = list(args.overrides or []) + extra
+    # recent torch (2.14 here) warns on its own first forward-mode jvp (torch._decomp.decompositions_for_jvp
+    # scripts its decompositions): nothing the user can act on, so the CLI does not print it
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning,
+                            module=r"torch\.jit\._script")
     if debug_enabled(args):
         return int(args.func(args) or 0)
     try:

@@ -242,3 +242,22 @@ def test_heatmap_under_torchrun_equals_one_process(run_dir, tmp_path):
     assert two["meta"]["merged_from"] == 2 and bool(two["computed"].all())
     torch.testing.assert_close(two["error_64"], one["error_64"], rtol=1e-5, atol=0)
     torch.testing.assert_close(two["error_32"], one["error_32"], rtol=1e-5, atol=0)
+
+
+def test_cli_hides_torchs_own_jit_script_deprecation(capsys):
+    """torch's first forward-mode jvp scripts its decompositions and warns about torch.jit.script;
+    the CLI filters exactly that warning (issued by torch.jit._script), nothing else."""
+    import warnings
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return x + 1
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(SystemExit):
+            main(["lift", "train", "preset=tiny", "--show-config"])
+        torch.jit.script(f)
+        warnings.warn("`torch.jit.script` is deprecated (from elsewhere)", FutureWarning)
+    capsys.readouterr()
+    messages = [str(w.message) for w in seen if issubclass(w.category, FutureWarning)]
+    assert messages == ["`torch.jit.script` is deprecated (from elsewhere)"]
