@@ -181,24 +181,6 @@ def _analysis_command(sub, name: str, help: str, *, checkpoint=False, heatmap: s
     return p
 
 
-def _intermixed(base: type[argparse.ArgumentParser]) -> type[argparse.ArgumentParser]:
-    """``base`` parsing ``key=value`` words on both sides of options
-    (``train preset=tiny --out-dir D train.lr=2e-4``): argparse's intermixed parsing, which
-    leaf commands (no sub-commands of their own) support."""
-    class Intermixed(base):  # type: ignore[misc, valid-type]
-        _parsing = False
-
-        def parse_known_args(self, args=None, namespace=None):
-            if self._parsing:  # the intermixed parser's own inner passes
-                return super().parse_known_args(args, namespace)
-            self._parsing = True
-            try:
-                return self.parse_known_intermixed_args(args, namespace)
-            finally:
-                self._parsing = False
-    return Intermixed
-
-
 def register_lift_commands(subparsers) -> argparse.ArgumentParser:
     """Add ``lift`` with its sub-commands to an ``add_subparsers()`` object; returns the lift parser."""
     from dualdiff.cli_common import add_run_options
@@ -207,7 +189,7 @@ def register_lift_commands(subparsers) -> argparse.ArgumentParser:
 
     lift = subparsers.add_parser("lift", help="LIFT dual-scale diffusion: train, error heatmap, paths, generation, FID",
                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = lift.add_subparsers(dest="lift_command", required=True, parser_class=_intermixed(type(lift)))
+    sub = lift.add_subparsers(dest="lift_command", required=True)
 
     p = sub.add_parser("train", help="train a LIFT model (preset=tiny|default, YAML config, key=value overrides)",
                        description="Train a LIFT model. The run folder is --out-dir (or the train.out_dir key; "

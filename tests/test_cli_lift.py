@@ -83,6 +83,11 @@ def test_show_config_lists_keys_with_types_defaults_and_values(capsys):
     assert "(preset tiny)" in out
     assert "train.lr: float = 0.0001 -> 0.0003" in out and "train.device: str = 'auto' -> 'cpu'" in out
     assert "train.min_lr: float" in out and "\nmin_lr" not in out
+    # key=value words on both sides of options (cli.main gathers the ones after them)
+    with pytest.raises(SystemExit):
+        main(["lift", "train", "preset=tiny", "--device", "cpu", "train.lr=5e-4", "--show-config", "train.steps=9"])
+    out = capsys.readouterr().out
+    assert "train.lr: float = 0.0001 -> 0.0005" in out and "train.steps: int = 7000 -> 9" in out
     with pytest.raises(SystemExit):
         main(["lift", "demo", "lift.train.steps=7", "--show-config"])
     out = capsys.readouterr().out
