@@ -49,6 +49,26 @@ def test_procedural_has_structure_at_both_scales():
     assert per_image.median() > 3e-3
 
 
+def test_procedural_texture_scale():
+    """texture_scale multiplies the fine texture only: 1 is the default image bit for bit, 0 the
+    texture-free image, and any scale interpolates linearly between the two (before the clamp)."""
+    base = ProceduralDualScaleImages(8, seed=2).tensors()
+    torch.testing.assert_close(ProceduralDualScaleImages(8, seed=2, texture_scale=1.0).tensors(), base,
+                               rtol=0, atol=0)
+    plain = ProceduralDualScaleImages(8, seed=2, texture_scale=0.0).tensors()
+    quarter = ProceduralDualScaleImages(8, seed=2, texture_scale=0.25).tensors()
+    inside = (base.abs() < 1) & (plain.abs() < 1) & (quarter.abs() < 1)  # where nothing was clamped
+    torch.testing.assert_close(quarter[inside], (plain + 0.25 * (base - plain))[inside], rtol=0, atol=1e-6)
+    # the texture is most of the detail the 32x32 view loses: ~1/16 of it at a quarter of the amplitude
+    def fine_energy(x):
+        _, x32 = dual_scale_views(x)
+        return (x - F.interpolate(x32, scale_factor=2, mode="nearest")).pow(2).mean()
+    assert fine_energy(plain) < 0.5 * fine_energy(quarter) and fine_energy(quarter) < 0.15 * fine_energy(base)
+    for bad in (-0.5, True, "1"):
+        with pytest.raises(ValueError, match="texture_scale"):
+            ProceduralDualScaleImages(4, texture_scale=bad)
+
+
 def test_dual_scale_views_area():
     x = torch.randn(2, 3, 64, 64)
     x64, x32 = dual_scale_views(x)

@@ -7,7 +7,7 @@ import torch
 
 from dualdiff.config import ConfigError, apply_overrides, dump_yaml, load_config
 from dualdiff.diffusion import make_schedule
-from dualdiff.experiments.lift import (LIFT_PRESETS, LIFTConfig, LIFTDataConfig, lift_loss,
+from dualdiff.experiments.lift import (LIFT_PRESETS, LIFTConfig, LIFTDataConfig, build_lift_dataset, lift_loss,
                                        load_lift_model, train_lift)
 from dualdiff.models.lift import LIFTDualTimestepModel, LIFTModelConfig, SingleScaleUNet
 from dualdiff.train import TrainConfig
@@ -65,6 +65,11 @@ def test_defaults_match_the_issue():
         LIFTConfig(data=LIFTDataConfig(image_size=32))
     with pytest.raises(ConfigError, match="path"):
         LIFTDataConfig(source="folder")
+    with pytest.raises(ConfigError, match="data.texture_scale"):
+        LIFTDataConfig(texture_scale=-1.0)
+    # the tiny preset's fainter textures reach the dataset; the default preset keeps them as designed
+    assert LIFTConfig().data.texture_scale == 1.0 and tiny.data.texture_scale == 0.25
+    assert build_lift_dataset(apply_overrides(tiny, ["data.num_images=2"]).data).texture_scale == 0.25
 
 
 def test_min_lr_is_one_key_and_validate_never_rewrites():

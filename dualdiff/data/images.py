@@ -17,8 +17,8 @@ Procedural images (image ``i`` of ``ProceduralDualScaleImages(n, seed)`` depends
   over it;
 * fine scale (mostly averaged away at 32x32): a high-frequency luminance texture — oriented
   stripes with a period of 2-5 px, or a checkerboard with 1-3 px cells — of amplitude
-  0.2-0.4, confined to (a dilation of) one of the blobs or to a random half-plane, so the texture's location
-  is tied to the coarse layout.
+  0.2-0.4 (times ``texture_scale``, 1 by default), confined to (a dilation of) one of the blobs or
+  to a random half-plane, so the texture's location is tied to the coarse layout.
 
 Values are clamped to [-1, 1].
 """
@@ -73,12 +73,14 @@ def dual_scale_views(x64: torch.Tensor, mode: str = "area") -> tuple[torch.Tenso
 class ProceduralDualScaleImages(torch.utils.data.Dataset):
     """``n`` deterministic synthetic RGB images ``[3, size, size]`` in [-1, 1] (module docstring)."""
 
-    def __init__(self, n: int = 10000, seed: int = 0, size: int = 64) -> None:
+    def __init__(self, n: int = 10000, seed: int = 0, size: int = 64, texture_scale: float = 1.0) -> None:
         if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
             raise ValueError(f"n must be a positive int, got {n!r}")
         if isinstance(size, bool) or not isinstance(size, int) or size < 8 or size % 2:
             raise ValueError(f"size must be an even int >= 8, got {size!r}")
-        self.n, self.seed, self.size = n, int(seed), size
+        if isinstance(texture_scale, bool) or not isinstance(texture_scale, (int, float)) or not texture_scale >= 0:
+            raise ValueError(f"texture_scale must be a float >= 0, got {texture_scale!r}")
+        self.n, self.seed, self.size, self.texture_scale = n, int(seed), size, float(texture_scale)
         c = (torch.arange(size, dtype=torch.float32) + 0.5)
         self._yy, self._xx = torch.meshgrid(c, c, indexing="ij")
 
@@ -134,7 +136,7 @@ class ProceduralDualScaleImages(torch.utils.data.Dataset):
             a = float(u(0, 2 * math.pi))
             d = math.cos(a) * (xx - 0.5) + math.sin(a) * (yy - 0.5)
             region = torch.sigmoid(d * s / 2.0)
-        amp = float(u(0.2, 0.4))
+        amp = float(u(0.2, 0.4)) * self.texture_scale
         img = img + amp * tex * region
         return img.clamp(-1.0, 1.0).to(torch.float32).contiguous()
 
