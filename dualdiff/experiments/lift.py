@@ -141,8 +141,8 @@ def _tiny() -> LIFTConfig:
     """CPU demo / tests: ~0.24 M-parameter model, 256 procedural images, 800 steps of 8.
 
     Sized for the README's demo (train + analysis within 5 minutes on 2 cores without
-    AVX-512: 800 steps took 169 s there, the whole demo 3 min 31 s wall). A step of 8 costs about half a
-    step of 16; with 500 steps each, channels [16, 32] at batch 8 on 256 images reached loss
+    AVX-512: 800 steps took 169 s there, the whole demo 3 min 31 s wall). A step of 8 costs
+    about half a step of 16; with 500 steps each, channels [16, 32] at batch 8 on 256 images reached loss
     0.12, channels [8, 16, 32] at batch 16 on 1024 images 0.30. Tried at the same budget and
     not kept (samples no better): channels [16, 32, 64], batch 4 x 1600 steps, 16 images,
     v-parameterised output, loss weights up to 20x at high noise, zero-initialised

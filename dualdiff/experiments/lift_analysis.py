@@ -379,6 +379,11 @@ def run_generate(checkpoint, out_dir, cfg: LIFTAnalysisConfig, heatmap=None) -> 
     return _generate_grids(model, schedule, out_dir, cfg, gen)
 
 
+def _sampler_options(cfg: LIFTAnalysisConfig) -> dict:
+    """The DDIM keys of ``cfg`` as keyword arguments of :func:`generate` / :func:`generate_for_fid`."""
+    return {"eta": cfg.eta, "clip_sample": cfg.clip_sample, "clipped_model_output": cfg.clipped_model_output}
+
+
 def _nrow(n: int) -> int:
     return int(np.ceil(np.sqrt(n)))
 
@@ -394,8 +399,7 @@ def _generate_grids(model, schedule, out_dir, cfg: LIFTAnalysisConfig, gen: dict
     out = Path(out_dir)
     samples = {}
     for name, p in gen.items():
-        x64, _ = generate(model, p, cfg.grid_images, schedule=schedule, eta=cfg.eta, clip_sample=cfg.clip_sample,
-                          clipped_model_output=cfg.clipped_model_output,
+        x64, _ = generate(model, p, cfg.grid_images, schedule=schedule, **_sampler_options(cfg),
                           generator=torch.Generator().manual_seed(cfg.seed))
         save_image_grid(x64, out / f"samples_{name}.png", nrow=_nrow(cfg.grid_images))
         samples[name] = x64
@@ -411,8 +415,7 @@ def run_generate_for_fid(checkpoint, out_dir, cfg: LIFTAnalysisConfig, heatmap=N
     model, _, schedule = load_analysis_model(checkpoint, cfg)
     (p,) = _generation_paths(cfg, schedule, heatmap, [cfg.fid_path]).values()
     return generate_for_fid(model, p, cfg.num_images, out_dir, cfg.batch_size, schedule=schedule,
-                            seed=cfg.seed, eta=cfg.eta, clip_sample=cfg.clip_sample,
-                            clipped_model_output=cfg.clipped_model_output)
+                            seed=cfg.seed, **_sampler_options(cfg))
 
 
 def _allow_download(cfg: LIFTAnalysisConfig) -> bool | None:
@@ -543,9 +546,7 @@ def run_demo(cfg: LIFTDemoConfig, out_dir, *, quiet_progress: bool = True, print
         fids = {}
         for name, p in paths["generation"].items():
             generate_for_fid(model, p, acfg.num_images, out / f"fid_{name}", acfg.batch_size, schedule=schedule,
-                             seed=acfg.seed, eta=acfg.eta, clip_sample=acfg.clip_sample,
-                             clipped_model_output=acfg.clipped_model_output,
-                             progress=not quiet_progress)
+                             seed=acfg.seed, **_sampler_options(acfg), progress=not quiet_progress)
             fids[name] = fid_from_folders(out / "real", out / f"fid_{name}", extractor=ext,
                                           cache_dir=acfg.fid_cache_dir or out / "fid_cache")
         report["fid"] = fids
