@@ -112,7 +112,8 @@ def lift_rows(rounds: int, compile_: bool):
 
 
 def train_rows(rounds: int):
-    """The tiny LIFT training step (the README demo's: B=8, fused AdamW) with dualdiff's GroupNorm
+    """The tiny LIFT model's training step at 64x64 (B=8, fused AdamW; the README demo's step
+    until it moved to 32x32 on 2026-12-01) with dualdiff's GroupNorm
     on ``F.group_norm`` (its path outside forward AD) against its forward-AD-safe composite (every
     call before 2026-12-01)."""
     import contextlib
@@ -130,6 +131,7 @@ def train_rows(rounds: int):
             GroupNorm.forward = native
 
     cfg = LIFTConfig.from_name("tiny")
+    cfg.model.image_size = cfg.data.image_size = 64
     x = torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
 
     def make(composite: bool):

@@ -102,7 +102,8 @@ def test_pipeline_end_to_end(run_dir, tmp_path, monkeypatch, capsys):
     hm = torch.load(out / "heatmap.pt", weights_only=True)
     assert hm["error_64"].shape == (3, 3) and torch.isfinite(hm["error_total"]).all()
     assert (hm["error_total"] > 0).all()
-    assert json.loads((out / "heatmap.json").read_text())["meta"]["probes"] == 1
+    meta = json.loads((out / "heatmap.json").read_text())["meta"]
+    assert meta["probes"] == 1 and meta["image_size"] == 32
     assert not list(out.glob("heatmap_partial*"))  # the progress file goes once the map is saved
 
     assert main(["lift", "path", "--heatmap", str(out / "heatmap.pt"), "--out-dir", str(out), *SMALL,
@@ -117,6 +118,7 @@ def test_pipeline_end_to_end(run_dir, tmp_path, monkeypatch, capsys):
     assert main(["lift", "mse", "--checkpoint", str(run), "--out-dir", str(out), *SMALL]) == 0
     mse = json.loads((out / "mse.json").read_text())
     assert mse["num_samples"] == 3 and mse["test1_both_noisy"]["mse_64"] > 0
+    assert mse["image_size"] == 32 and "MSE 32x32  MSE 16x16" in capsys.readouterr().out
 
     saved = (out / "paths.json").read_bytes()
     mtime = (out / "paths.json").stat().st_mtime_ns
@@ -127,7 +129,8 @@ def test_pipeline_end_to_end(run_dir, tmp_path, monkeypatch, capsys):
 
     assert main(["lift", "generate", "--checkpoint", str(run), "--out-dir", str(out), "--heatmap",
                  str(out / "heatmap.pt"), *SMALL, f"paths=[diagonal, {out / 'path_dp_64.json'}]"]) == 0
-    assert Image.open(out / "samples_diagonal.png").size == (2 * 64 + 3 * 2, 64 + 2 * 2)
+    s = LIFTConfig.from_name("tiny").model.image_size  # 32: the run samples at its own size
+    assert Image.open(out / "samples_diagonal.png").size == (2 * s + 3 * 2, s + 2 * 2)
     assert (out / "samples_path_dp_64.png").exists() and (out / "samples.png").exists()
 
     gen = tmp_path / "gen"
@@ -135,7 +138,7 @@ def test_pipeline_end_to_end(run_dir, tmp_path, monkeypatch, capsys):
                  "--heatmap", str(out / "heatmap.pt"), *SMALL, "fid_path=dp_total", "num_images=3"]) == 0
     files = sorted(os.listdir(gen))
     assert files == ["00000.png", "00001.png", "00002.png"]
-    assert Image.open(gen / files[0]).size == (64, 64)
+    assert Image.open(gen / files[0]).size == (s, s)
 
     capsys.readouterr()
     assert main(["lift", "fid", str(gen), str(gen), "fid_download=false", "--device", "cpu"]) == 2

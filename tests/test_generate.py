@@ -147,3 +147,18 @@ def test_generate_for_fid_writes_pngs(schedule, tmp_path):
     x64, _ = generate(m, path, 2, generator=torch.Generator().manual_seed(3))
     grid = save_image_grid(x64, tmp_path / "grid.png", nrow=2)
     assert Image.open(grid).size == (2 * 64 + 3 * 2, 64 + 2 * 2)
+
+
+def test_generate_takes_the_image_side_from_the_model_config(schedule, tmp_path):
+    """A LIFT model built for 32x32 (its 16x16 view) samples at that size without ``size=``,
+    for the grids and for the FID PNGs alike (the analysis used to ask for 64x64 and fail)."""
+    from dualdiff.models.lift import LIFTDualTimestepModel, LIFTModelConfig
+
+    torch.manual_seed(0)
+    m = LIFTDualTimestepModel(LIFTModelConfig(channels=[8], time_freq_dim=8, time_emb_dim=16, num_heads=1,
+                                              image_size=32))
+    path = make_path("diagonal", schedule, num_steps=2)
+    x64, x32 = generate(m, path, 2, schedule=schedule, generator=torch.Generator().manual_seed(0))
+    assert x64.shape == (2, 3, 32, 32) and x32.shape == (2, 3, 16, 16)
+    (f,) = generate_for_fid(m, path, 1, tmp_path, batch_size=1, schedule=schedule, progress=False)
+    assert Image.open(f).size == (32, 32)

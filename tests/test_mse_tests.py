@@ -49,6 +49,9 @@ def test_definitions_on_identity_model(schedule, tmp_path):
     assert r3["num_samples"] == 3
     table = format_mse_table(r)
     assert "Test 2b" in table and f"{t1['mse_64']:.5f}" in table
+    s = x.shape[-1]  # columns titled with the two scales' sizes; files without the key are 64x64
+    assert r["image_size"] == s and table.splitlines()[1].split()[1:] == ["MSE", f"{s}x{s}", "MSE", f"{s // 2}x{s // 2}", "total"]
+    assert "MSE 64x64  MSE 32x32" in format_mse_table({k: v for k, v in r.items() if k != "image_size"})
     p = save_mse_results(r, tmp_path / "mse.json")
     import json
     assert json.loads(p.read_text())["test1_both_noisy"]["mse_64"] == pytest.approx(t1["mse_64"])

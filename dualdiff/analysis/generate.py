@@ -183,11 +183,15 @@ def _model_fn(model: Callable):
 @torch.no_grad()
 def generate(model: Callable, path: GenerationPath, n: int, *, schedule: NoiseSchedule | None = None,
              device=None, generator: torch.Generator | None = None, eta: float = 0.0, clip_sample: bool = True,
-             size: int = 64, channels: int = 3, progress: bool = False,
+             size: int | None = None, channels: int = 3, progress: bool = False,
              clipped_model_output: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample ``n`` images along ``path``; returns ``(x64, x32)`` in [-1, 1] (clamped)."""
+    """Sample ``n`` images along ``path``; returns ``(x64 [n, C, S, S], x32 [n, C, S/2, S/2])`` in
+    [-1, 1] (clamped). ``size`` S: the large side; None = ``model.config.image_size`` (64 for a
+    model without one)."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
+    if size is None:
+        size = int(getattr(getattr(model, "config", None), "image_size", 64))
     if device is None:
         p = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
         device = p.device if p is not None else torch.device("cpu")
@@ -243,7 +247,8 @@ def generate_for_fid(model: Callable, path: GenerationPath, n: int, out_dir: str
                      batch_size: int = 64, *, schedule: NoiseSchedule | None = None, seed: int = 0, device=None,
                      eta: float = 0.0, clip_sample: bool = True, progress: bool = True,
                      clipped_model_output: bool = False) -> list[Path]:
-    """Generate ``n`` 64x64 images along ``path`` and write them as PNGs to ``out_dir``.
+    """Generate ``n`` images along ``path`` (the large scale, side ``model.config.image_size``)
+    and write them as PNGs to ``out_dir``.
 
     Batch k uses ``torch.Generator().manual_seed(seed + k)`` (CPU), so the images do not
     depend on the device; a progress bar counts images. Returns the file paths.

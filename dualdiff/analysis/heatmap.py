@@ -394,7 +394,7 @@ def compute_error_heatmap(
 
     meta = {
         "num_samples": n, "probes": probes, "chunk_size": chunk_size, "cells_per_batch": cells_per_batch,
-        "seed": seed, "target": target, "chain_rule_snr": chain_rule_snr,
+        "seed": seed, "target": target, "chain_rule_snr": chain_rule_snr, "image_size": int(x64.shape[-1]),
         "v": [v64, v32], "weighting": "v^T (J*J) v with v = 1/(H*W) on input and output, "
                                       "times 1/(SNR(1+SNR))",
         "schedule": schedule.name, "num_timesteps": schedule.num_timesteps,

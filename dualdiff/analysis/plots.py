@@ -47,7 +47,8 @@ def _edges(g: np.ndarray) -> np.ndarray:
 
 def plot_heatmap(result, out_path: str | os.PathLike, paths: Mapping[str, object] | None = None,
                  title: str | None = None) -> Path:
-    """Three panels (64x64, 32x32, total error) with paths drawn on top.
+    """Three panels (large-scale, small-scale, total error) with paths drawn on top; the panels
+    name the scales by size (``result.meta["image_size"]``, 64 when absent: 64x64 and 32x32).
 
     result: a HeatmapResult. paths: name -> GridPath (from seed_dp_path, greedy_path,
     fixed_step_path) or an int array [L, 2] of (i, j) grid indices.
@@ -55,7 +56,9 @@ def plot_heatmap(result, out_path: str | os.PathLike, paths: Mapping[str, object
     plt = _plt()
     g = result.gammas.double().numpy()
     e = _edges(g)
-    maps = [("64x64 error", result.error_64), ("32x32 error", result.error_32), ("total error", result.error_total)]
+    s = int(result.meta.get("image_size", 64))
+    big, small = f"{s}x{s}", f"{s // 2}x{s // 2}"
+    maps = [(f"{big} error", result.error_64), (f"{small} error", result.error_32), ("total error", result.error_total)]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     for ax, (name, m) in zip(axes, maps):
         d = m.double().numpy()
@@ -64,8 +67,8 @@ def plot_heatmap(result, out_path: str | os.PathLike, paths: Mapping[str, object
         im = ax.pcolormesh(e, e, d.T, cmap="viridis", shading="flat")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("γ0 (64x64 SNR)")
-        ax.set_ylabel("γ1 (32x32 SNR)")
+        ax.set_xlabel(f"γ0 ({big} SNR)")
+        ax.set_ylabel(f"γ1 ({small} SNR)")
         ax.set_title(name)
         fig.colorbar(im, ax=ax, label="log10 error")
         ax.plot([g[0], g[-1]], [g[0], g[-1]], ls=":", color="0.8", lw=1)
@@ -82,16 +85,18 @@ def plot_heatmap(result, out_path: str | os.PathLike, paths: Mapping[str, object
 
 
 def plot_mse_bars(results: dict, out_path: str | os.PathLike) -> Path:
-    """Grouped bars (64x64 and 32x32 MSE) for the three MSE tests (run_mse_tests output)."""
+    """Grouped bars (large- and small-scale MSE, titled by size) for the three MSE tests
+    (run_mse_tests output)."""
     from dualdiff.metrics.mse_tests import MSE_TESTS
 
     plt = _plt()
     keys = list(MSE_TESTS)
     m64 = [results[k]["mse_64"] for k in keys]
     m32 = [results[k]["mse_32"] for k in keys]
+    s = int(results.get("image_size", 64))
     x = np.arange(len(keys))
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for off, vals, lab, col in ((-0.18, m64, "MSE 64x64", "steelblue"), (0.18, m32, "MSE 32x32", "coral")):
+    for off, vals, lab, col in ((-0.18, m64, f"MSE {s}x{s}", "steelblue"), (0.18, m32, f"MSE {s // 2}x{s // 2}", "coral")):
         bars = ax.bar(x + off, vals, 0.36, label=lab, color=col)
         for b, v in zip(bars, vals):
             ax.annotate(f"{v:.4f}", (b.get_x() + b.get_width() / 2, v), xytext=(0, 2),

@@ -30,7 +30,7 @@ import copy
 import logging
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any, Literal
@@ -138,28 +138,28 @@ class LIFTConfig:
 
 
 def _tiny() -> LIFTConfig:
-    """CPU demo / tests: ~0.24 M-parameter model, 256 procedural images, 800 steps of 8.
+    """CPU demo / tests: ~0.24 M-parameter model at **32x32 (and its 16x16 view)**, 256
+    procedural images, 1600 steps of 16.
 
-    Sized for the README's demo (train + analysis within 5 minutes on 2 cores without
-    AVX-512: 800 steps took 169 s there, the whole demo 3 min 31 s wall). A step of 8 costs
-    about half a step of 16; with 500 steps each, channels [16, 32] at batch 8 on 256 images reached loss
-    0.12, channels [8, 16, 32] at batch 16 on 1024 images 0.30. Tried at the same budget and
-    not kept (samples no better): channels [16, 32, 64], batch 4 x 1600 steps, 16 images,
-    v-parameterised output, loss weights up to 20x at high noise, zero-initialised
-    ResBlock outputs. What did help: fainter fine textures. The 1-3 px checkerboards and stripes
-    look like noise to this model, which after 800 steps leaves a mottled texture over every
-    sample; at ``data.texture_scale`` 0.25 (amplitude 0.05-0.1) the samples are clean colour
-    blobs (0.5: still mottled, 0: cleanest, loss 0.11 -> 0.06 -> 0.045 for 1, 0.25, 0). The
-    textures stay in the images, so the 64x64 scale still holds detail the 32x32 one lacks;
-    ``data.texture_scale=1`` trains on the images as designed. EMA 0.99 after a 100-step
-    warm-up (EMA = weights until then).
-    ``train.min_lr`` 2e-5 allows ``train.lr`` overrides down to 2e-5 (the README's
-    ``train.lr=2e-4``)."""
-    train = TrainConfig(steps=800, batch_size=8, lr=2e-3, optimizer="adamw", weight_decay=0.01,
+    Sized for the README's demo: train + analysis within 5 minutes on 2 cores without AVX-512
+    (1600 steps took 180 s there, the whole demo 3 min 23 s wall). At the paper's 64x64 the
+    same budget buys 800 steps of 8 (6.4 k images seen): the samples were colour blobs,
+    smaller and more numerous than the data's, with no smooth backgrounds. A 32x32 image costs
+    about a third of a 64x64 one, so at 32x32 the model sees 25.6 k images, and its samples
+    show the data's gradient backgrounds, blobs and textures. Tried at 64x64 and not kept:
+    channels [16, 32, 64], batch 4 x 1600 steps, 16 images, v-parameterised output, loss
+    weights up to 20x at high noise, zero-initialised ResBlock outputs, a pixel-unshuffle stem
+    (``benchmarks/RESULTS.md``). ``data.texture_scale`` 0.25: the 1-3 px checkerboards and
+    stripes at a quarter of their amplitude; at 1 this model leaves them as grain over every
+    sample. EMA 0.99 after a 100-step warm-up (EMA = weights until then). ``train.min_lr``
+    2e-5 allows ``train.lr`` overrides down to 2e-5 (the README's ``train.lr=2e-4``).
+    ``model.image_size=64 data.image_size=64`` trains at the paper's size."""
+    train = TrainConfig(steps=1600, batch_size=16, lr=2e-3, optimizer="adamw", weight_decay=0.01,
                         scheduler="cosine", min_lr=2e-5, grad_clip=1.0, ema_decay=0.99,
                         ema_warmup=100, checkpoint_every=0, out_dir="runs/lift-tiny", log_every=10,
                         progress=False)
-    return LIFTConfig(model=LIFTModelConfig.tiny(), data=LIFTDataConfig(num_images=256, texture_scale=0.25),
+    model = replace(LIFTModelConfig.tiny(), image_size=32)
+    return LIFTConfig(model=model, data=LIFTDataConfig(num_images=256, image_size=32, texture_scale=0.25),
                       train=train)
 
 

@@ -498,10 +498,11 @@ def run_demo(cfg: LIFTDemoConfig, out_dir, *, quiet_progress: bool = True, print
     hm = run_heatmap(ckpt, out, acfg, progress=not quiet_progress)
     e64, e32 = hm.error_64.numpy(), hm.error_32.numpy()
     diag = np.diag(e64 + e32)
+    s = lcfg.model.image_size
     report["heatmap"] = {"gammas": hm.gammas.tolist(), "error_64": e64.tolist(), "error_32": e32.tolist()}
     say(f"heatmap {hm.num_points}x{hm.num_points} (γ {hm.gammas[0]:.3g}..{hm.gammas[-1]:.3g}, "
         f"{acfg.heatmap_samples} samples x {acfg.probes} probes, {time.perf_counter() - t1:.1f} s): "
-        f"64x64 error {e64.min():.3g}..{e64.max():.3g}, 32x32 {e32.min():.3g}..{e32.max():.3g}; "
+        f"{s}x{s} error {e64.min():.3g}..{e64.max():.3g}, {s // 2}x{s // 2} {e32.min():.3g}..{e32.max():.3g}; "
         f"diagonal total falls {diag[0]:.3g} -> {diag[-1]:.3g}")
     paths = run_paths(hm, out, acfg)
     for k, p in paths["grid"].items():

@@ -36,9 +36,11 @@ MSE_TESTS = {
 @torch.no_grad()
 def run_mse_tests(model: Callable, images, schedule: NoiseSchedule, *, timestep: int = 500,
                   num_samples: int | None = None, batch_size: int = 32, seed: int = 0, device=None) -> dict:
-    """Run the three tests; returns ``{test: {"mse_64", "mse_32", "total_mse"}, "timestep", "num_samples"}``.
+    """Run the three tests; returns ``{test: {"mse_64", "mse_32", "total_mse"}, "timestep",
+    "num_samples", "image_size"}`` ("64" / "32" name the large and the small scale).
 
-    images: x64 ``[N, 3, 64, 64]`` in [-1, 1] (x32 = 2x2 area downsample) or a pair (x64, x32).
+    images: x64 ``[N, 3, S, S]`` in [-1, 1] (S = 64 in the paper; x32 = 2x2 area downsample) or
+    a pair (x64, x32).
     The noise of batch k comes from ``torch.Generator().manual_seed(seed + k)`` (CPU), the same
     draws for every test.
     """
@@ -83,7 +85,7 @@ def run_mse_tests(model: Callable, images, schedule: NoiseSchedule, *, timestep:
     finally:
         if was_training and hasattr(model, "train"):
             model.train()
-    out: dict = {"timestep": timestep, "num_samples": n}
+    out: dict = {"timestep": timestep, "num_samples": n, "image_size": int(x64.shape[-1])}
     for name, (s64, s32) in sums.items():
         m64, m32 = s64 / n, s32 / n
         out[name] = {"mse_64": m64, "mse_32": m32, "total_mse": (m64 + m32) / 2}
@@ -91,9 +93,10 @@ def run_mse_tests(model: Callable, images, schedule: NoiseSchedule, *, timestep:
 
 
 def format_mse_table(results: dict) -> str:
-    """A plain-text table of the three tests."""
+    """A plain-text table of the three tests (columns titled with the two scales' sizes)."""
+    s = int(results.get("image_size", 64))
     lines = [f"MSE tests (t = {results['timestep']}, {results['num_samples']} samples)",
-             f"{'test':32s} {'MSE 64x64':>10s} {'MSE 32x32':>10s} {'total':>10s}"]
+             f"{'test':32s} {f'MSE {s}x{s}':>10s} {f'MSE {s // 2}x{s // 2}':>10s} {'total':>10s}"]
     for key, label in MSE_TESTS.items():
         r = results[key]
         lines.append(f"{label:32s} {r['mse_64']:10.5f} {r['mse_32']:10.5f} {r['total_mse']:10.5f}")
