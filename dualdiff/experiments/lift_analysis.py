@@ -209,7 +209,8 @@ def load_analysis_model(checkpoint, cfg: LIFTAnalysisConfig):
 
 
 def real_images(lift_cfg: LIFTConfig, n: int, seed: int = 0) -> torch.Tensor:
-    """``n`` images [n, 3, 64, 64] in [-1, 1] from the run's data (a seeded random subset)."""
+    """``n`` images [n, 3, S, S] (S = ``data.image_size``) in [-1, 1] from the run's data (a
+    seeded random subset)."""
     data = build_lift_dataset(lift_cfg.data)
     if n > len(data):
         raise ConfigError(f"asked for {n} real images but the dataset has {len(data)}")
