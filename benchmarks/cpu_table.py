@@ -113,9 +113,8 @@ def lift_rows(rounds: int, compile_: bool):
 
 def train_rows(rounds: int):
     """The tiny LIFT model's training step at 64x64 (B=8, fused AdamW; the README demo's step
-    until it moved to 32x32 on 2026-12-01) with dualdiff's GroupNorm
-    on ``F.group_norm`` (its path outside forward AD) against its forward-AD-safe composite (every
-    call before 2026-12-01)."""
+    until the demo moved to 32x32) with dualdiff's GroupNorm on ``F.group_norm`` (its path
+    outside forward AD) against its forward-AD-safe composite (every call before 2026-12-01)."""
     import contextlib
 
     from dualdiff.experiments.lift import LIFTConfig, LIFTLoss, build_lift_model, build_lift_schedule

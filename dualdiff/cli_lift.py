@@ -87,9 +87,11 @@ def _heatmap(args) -> int:
 
     res = run_heatmap(args.checkpoint, args.out_dir, _analysis_cfg(args))
     if res is not None:
-        s = int(res.meta.get("image_size", 64))
-        print(f"heatmap {res.num_points}x{res.num_points}: {s}x{s} error {float(res.error_64.min()):.3g}.."
-              f"{float(res.error_64.max()):.3g}, {s // 2}x{s // 2} {float(res.error_32.min()):.3g}.."
+        from dualdiff.data.images import scale_labels
+
+        big, small = scale_labels(res.meta)
+        print(f"heatmap {res.num_points}x{res.num_points}: {big} error {float(res.error_64.min()):.3g}.."
+              f"{float(res.error_64.max()):.3g}, {small} {float(res.error_32.min()):.3g}.."
               f"{float(res.error_32.max()):.3g}"
               f" -> {Path(args.out_dir) / 'heatmap.pt'} (.json)")
     return 0

@@ -12,6 +12,8 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from dualdiff.data.images import scale_labels
+
 __all__ = ["plot_heatmap", "plot_mse_bars", "plot_sample_grids"]
 
 _COLORS = ["white", "red", "orange", "cyan", "magenta", "lime", "yellow"]
@@ -56,8 +58,7 @@ def plot_heatmap(result, out_path: str | os.PathLike, paths: Mapping[str, object
     plt = _plt()
     g = result.gammas.double().numpy()
     e = _edges(g)
-    s = int(result.meta.get("image_size", 64))
-    big, small = f"{s}x{s}", f"{s // 2}x{s // 2}"
+    big, small = scale_labels(result.meta)
     maps = [(f"{big} error", result.error_64), (f"{small} error", result.error_32), ("total error", result.error_total)]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     for ax, (name, m) in zip(axes, maps):
@@ -93,10 +94,10 @@ def plot_mse_bars(results: dict, out_path: str | os.PathLike) -> Path:
     keys = list(MSE_TESTS)
     m64 = [results[k]["mse_64"] for k in keys]
     m32 = [results[k]["mse_32"] for k in keys]
-    s = int(results.get("image_size", 64))
+    big, small = scale_labels(results)
     x = np.arange(len(keys))
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for off, vals, lab, col in ((-0.18, m64, f"MSE {s}x{s}", "steelblue"), (0.18, m32, f"MSE {s // 2}x{s // 2}", "coral")):
+    for off, vals, lab, col in ((-0.18, m64, f"MSE {big}", "steelblue"), (0.18, m32, f"MSE {small}", "coral")):
         bars = ax.bar(x + off, vals, 0.36, label=lab, color=col)
         for b, v in zip(bars, vals):
             ax.annotate(f"{v:.4f}", (b.get_x() + b.get_width() / 2, v), xytext=(0, 2),

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from dualdiff.utils.seed import derive_seed
 
 __all__ = ["ProceduralDualScaleImages", "ImageFolderDataset", "HFImageDataset", "hf_afhq",
-           "dual_scale_views", "IMAGE_EXTENSIONS", "DatasetUnavailableError", "AFHQ_DATASET"]
+           "dual_scale_views", "scale_labels", "IMAGE_EXTENSIONS", "DatasetUnavailableError", "AFHQ_DATASET"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 AFHQ_DATASET = "huggan/AFHQv2"
@@ -68,6 +68,16 @@ def dual_scale_views(x64: torch.Tensor, mode: str = "area") -> tuple[torch.Tenso
     else:
         raise ValueError(f"mode must be 'area' or 'bilinear', got {mode!r}")
     return x64, (x32[0] if single else x32)
+
+
+def scale_labels(record) -> tuple[str, str]:
+    """``("SxS", "S/2xS/2")``: the large and the small scale of a dual-scale result by size.
+
+    ``record``: a mapping with the large side under ``"image_size"`` (a heatmap's ``meta``, an
+    ``mse.json``); 64 when absent (files written before the size was recorded). Code names the
+    scales ``64`` / ``32`` whatever their size; labels for people use this."""
+    s = int(record.get("image_size", 64))
+    return f"{s}x{s}", f"{s // 2}x{s // 2}"
 
 
 class ProceduralDualScaleImages(torch.utils.data.Dataset):

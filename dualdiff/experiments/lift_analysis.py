@@ -40,6 +40,7 @@ from dualdiff.analysis.generate import GenerationPath, generate, generate_for_fi
 from dualdiff.analysis.heatmap import HeatmapResult, compute_error_heatmap, merge_heatmap_shards, shard_path
 from dualdiff.analysis.paths import GridPath, fixed_step_path, greedy_path, seed_dp_path
 from dualdiff.config import ConfigError
+from dualdiff.data.images import scale_labels
 from dualdiff.experiments.lift import LIFTConfig, build_lift_dataset, build_lift_schedule, load_lift_model
 from dualdiff.metrics.mse_tests import format_mse_table, run_mse_tests, save_mse_results
 from dualdiff.train.distributed import (barrier, cleanup_distributed, default_device, get_rank, get_world_size,
@@ -499,11 +500,11 @@ def run_demo(cfg: LIFTDemoConfig, out_dir, *, quiet_progress: bool = True, print
     hm = run_heatmap(ckpt, out, acfg, progress=not quiet_progress)
     e64, e32 = hm.error_64.numpy(), hm.error_32.numpy()
     diag = np.diag(e64 + e32)
-    s = lcfg.model.image_size
+    big, small = scale_labels(hm.meta)
     report["heatmap"] = {"gammas": hm.gammas.tolist(), "error_64": e64.tolist(), "error_32": e32.tolist()}
     say(f"heatmap {hm.num_points}x{hm.num_points} (γ {hm.gammas[0]:.3g}..{hm.gammas[-1]:.3g}, "
         f"{acfg.heatmap_samples} samples x {acfg.probes} probes, {time.perf_counter() - t1:.1f} s): "
-        f"{s}x{s} error {e64.min():.3g}..{e64.max():.3g}, {s // 2}x{s // 2} {e32.min():.3g}..{e32.max():.3g}; "
+        f"{big} error {e64.min():.3g}..{e64.max():.3g}, {small} {e32.min():.3g}..{e32.max():.3g}; "
         f"diagonal total falls {diag[0]:.3g} -> {diag[-1]:.3g}")
     paths = run_paths(hm, out, acfg)
     for k, p in paths["grid"].items():

@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from dualdiff.data.images import scale_labels
 from dualdiff.diffusion import NoiseSchedule, q_sample
 
 __all__ = ["MSE_TESTS", "format_mse_table", "run_mse_tests", "save_mse_results"]
@@ -94,9 +95,9 @@ def run_mse_tests(model: Callable, images, schedule: NoiseSchedule, *, timestep:
 
 def format_mse_table(results: dict) -> str:
     """A plain-text table of the three tests (columns titled with the two scales' sizes)."""
-    s = int(results.get("image_size", 64))
+    big, small = scale_labels(results)
     lines = [f"MSE tests (t = {results['timestep']}, {results['num_samples']} samples)",
-             f"{'test':32s} {f'MSE {s}x{s}':>10s} {f'MSE {s // 2}x{s // 2}':>10s} {'total':>10s}"]
+             f"{'test':32s} {'MSE ' + big:>10s} {'MSE ' + small:>10s} {'total':>10s}"]
     for key, label in MSE_TESTS.items():
         r = results[key]
         lines.append(f"{label:32s} {r['mse_64']:10.5f} {r['mse_32']:10.5f} {r['total_mse']:10.5f}")
