@@ -42,6 +42,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from dualdiff.errors import UserError, user_error_types
+
 __all__ = [
     "UserError",
     "add_run_options",
@@ -52,20 +54,7 @@ __all__ = [
 ]
 
 
-class UserError(Exception):
-    """A mistake of the user's (not a bug): the CLI prints it as one line and exits 2."""
-
-
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    from dualdiff._backend import BackendUnavailableError
-    from dualdiff.config import ConfigError
-    from dualdiff.train.checkpoint import CheckpointError
-
-    return (UserError, ConfigError, BackendUnavailableError, CheckpointError, FileNotFoundError,
-            NotADirectoryError, IsADirectoryError, PermissionError)
-
-
-USER_ERRORS: Callable[[], tuple[type[BaseException], ...]] = _user_error_types
+USER_ERRORS: Callable[[], tuple[type[BaseException], ...]] = user_error_types
 
 
 def debug_enabled(args: argparse.Namespace | None = None) -> bool:

@@ -31,7 +31,7 @@ def _user_facing(command):
     checkpoint, an unreachable dataset, missing FID weights) raised as :class:`UserError`."""
     @functools.wraps(command)
     def run(args) -> int:
-        from dualdiff.cli_common import UserError
+        from dualdiff.errors import UserError
         from dualdiff.data.images import DatasetUnavailableError
         from dualdiff.metrics.fid import InceptionWeightsError
         from dualdiff.train import CheckpointError

@@ -19,7 +19,7 @@ def _user_errors(fn):
     """Data-layout errors (:class:`TaDiffDataError`) are the user's: report them as UserError."""
     @functools.wraps(fn)
     def run(args):
-        from dualdiff.cli_common import UserError
+        from dualdiff.errors import UserError
         from dualdiff.data.tadiff_io import TaDiffDataError
 
         try:

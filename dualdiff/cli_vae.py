@@ -22,7 +22,7 @@ __all__ = ["register_vae_commands"]
 @contextlib.contextmanager
 def _data_errors():
     """Unusable data (empty folder, subset too large) is the user's mistake: one-line error."""
-    from dualdiff.cli_common import UserError
+    from dualdiff.errors import UserError
     from dualdiff.data.fundus import DatasetError
 
     try:

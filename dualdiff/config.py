@@ -58,8 +58,7 @@ _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
 
-class ConfigError(ValueError):
-    """A config key or value is invalid; the message names the key."""
+from dualdiff.errors import ConfigError  # noqa: E402  (re-exported here for older imports)
 
 
 # ---------------------------------------------------------------------------------------

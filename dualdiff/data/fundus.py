@@ -48,6 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dualdiff.errors import DataError
 from dualdiff.utils.seed import derive_seed
 
 __all__ = ["DatasetError", "IMAGENET_MEAN", "IMAGENET_STD", "FUNDUS_ENVIRONMENTS", "GRADES", "SyntheticFundus",
@@ -58,7 +59,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 GRADES = ("no_dr", "mild", "moderate", "severe", "proliferative")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
-class DatasetError(ValueError):
+class DatasetError(DataError):
     """The data cannot be used as configured (empty folder, subset larger than an environment)."""
 
 

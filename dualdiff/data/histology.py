@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dualdiff.cli_common import UserError
+from dualdiff.errors import UserError
 
 __all__ = ["StainRule", "rgb_to_hed", "class_distribution", "EmbeddedHistology", "HistologyFolder",
            "DataError", "split_indices", "balanced_cutoffs", "balanced_indices", "describe_classes",
@@ -53,8 +53,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 _RGB_FROM_HED = ((0.65, 0.70, 0.29), (0.07, 0.99, 0.11), (0.27, 0.57, 0.78))
 
 
-class DataError(UserError, ValueError):
-    """Bad histology data (a user's mistake): the CLI prints it as one error line."""
+from dualdiff.errors import DataError  # noqa: E402,F811  (re-exported here for older imports)
 
 
 def _hed_from_rgb() -> np.ndarray:

@@ -19,12 +19,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dualdiff.cli_common import UserError
+from dualdiff.errors import DataError, UserError
 
 __all__ = ["LatentCache", "encode_dataset", "latent_scale", "CacheError"]
 
 
-class CacheError(UserError, ValueError):
+class CacheError(DataError):
     """A missing or malformed latent cache (a user's mistake: wrong path, stale file)."""
 
 

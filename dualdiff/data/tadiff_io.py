@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from dualdiff.data.tadiff import Patient
+from dualdiff.errors import DataError
 
 __all__ = ["TaDiffDataError", "load_npy_patient", "load_nifti_patient", "list_npy_patients", "list_nifti_patients",
            "crop_foreground", "center_crop_pad", "nonzero_normalize", "TaDiffSlices", "NIFTI_FILES"]
@@ -37,7 +38,7 @@ NIFTI_MASKS = ("EdemaMask-CL.nii.gz", "ContrastEnhancedMask-CL.nii.gz")
 _NPY_PARTS = ("image", "label", "days", "treatment")
 
 
-class TaDiffDataError(ValueError):
+class TaDiffDataError(DataError):
     """A data file's content does not fit the layout (the CLI reports it as a user error)."""
 
 
@@ -95,7 +96,7 @@ def _nibabel():
     try:
         import nibabel
     except ImportError as e:
-        from dualdiff.cli_common import UserError
+        from dualdiff.errors import UserError
 
         raise UserError("reading NIfTI needs nibabel: pip install 'dualdiff[nifti]' "
                         "(or pip install nibabel)") from e

@@ -387,7 +387,7 @@ def _diffusers_codec(path: str, device) -> Codec:
     try:
         from diffusers import AutoencoderKL
     except ImportError as e:
-        from dualdiff.cli_common import UserError
+        from dualdiff.errors import UserError
         raise UserError("ae.source=diffusers needs the diffusers package (pip install diffusers)") from e
     vae = AutoencoderKL.from_pretrained(path, local_files_only=True).to(device).eval()
 

@@ -29,8 +29,7 @@ REQUIRED_KEYS = ("format", "version", "step", "model")
 _NAME = re.compile(r"^step_(\d+)\.pt$")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, unreadable, corrupt or incompatible (message names it)."""
+from dualdiff.errors import CheckpointError  # noqa: E402  (re-exported here for older imports)
 
 
 def checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
