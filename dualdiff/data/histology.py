@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dualdiff.errors import UserError
+
 
 __all__ = ["StainRule", "rgb_to_hed", "class_distribution", "EmbeddedHistology", "HistologyFolder",
            "DataError", "split_indices", "balanced_cutoffs", "balanced_indices", "describe_classes",
@@ -53,7 +53,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 _RGB_FROM_HED = ((0.65, 0.70, 0.29), (0.07, 0.99, 0.11), (0.27, 0.57, 0.78))
 
 
-from dualdiff.errors import DataError  # noqa: E402,F811  (re-exported here for older imports)
+from dualdiff.errors import DataError  # noqa: E402  (re-exported here for older imports)
 
 
 def _hed_from_rgb() -> np.ndarray:

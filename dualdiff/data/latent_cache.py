@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dualdiff.errors import DataError, UserError
+from dualdiff.errors import DataError
 
 __all__ = ["LatentCache", "encode_dataset", "latent_scale", "CacheError"]
 
