@@ -351,23 +351,62 @@ def dual_timestep_embedding_fwd(t0, t1, freqs, weights, out, split: bool | None 
     return None
 
 
+# The cached launch calls CompiledKernel.run with the argument list of Triton >= 3.4 (launch hooks
+# in triton.knobs.runtime). On an older Triton, or a compiled kernel without these members, it
+# launches through the JIT every time (correct, a few µs slower per call).
+_COMPILED_MEMBERS = ("run", "function", "packed_metadata", "launch_metadata")
+
+
+def cached_launch_supported(compiled=None) -> bool:
+    """True when this Triton (and ``compiled``, a CompiledKernel, if given) has the internals the
+    cached launch uses: ``triton.knobs.runtime`` launch hooks (Triton >= 3.4) and the compiled
+    kernel's run/function/packed_metadata/launch_metadata."""
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    if runtime is None or not hasattr(runtime, "launch_enter_hook"):
+        return False
+    return compiled is None or all(hasattr(compiled, m) for m in _COMPILED_MEMBERS)
+
+
 class CachedLauncher:
     """Lean GPU launch: after the first JIT launch, later calls go straight to the compiled
     kernel's launcher, skipping the JIT's argument binding and cache lookup (several µs of host
     time per call). Valid because the kernel does not specialize on B, the t strides or the t
     pointers' alignment; the key holds everything else the compiled code depends on. The split
-    path (two launches) always goes through the JIT: its launch cost is small next to its work."""
+    path (two launches) always goes through the JIT: its launch cost is small next to its work.
+
+    Falls back to the JIT launch for good (``self.enabled = False``, reason in ``self.why``) on
+    a Triton without the internals it needs (:func:`cached_launch_supported`) or when the first
+    cached launch is refused with a TypeError/AttributeError (a changed internal signature:
+    raised before anything is launched)."""
 
     def __init__(self) -> None:
         self._cache: dict = {}
+        self.enabled = cached_launch_supported()
+        self.why = "" if self.enabled else (
+            f"Triton {triton.__version__} has no triton.knobs.runtime launch hooks (needs >= 3.4)")
 
     def __call__(self, key, stream: int, t0, t1, freqs, weights, out) -> None:
-        compiled = self._cache.get(key)
-        if compiled is None:  # first call, or the split path (never cached)
-            self._cache[key] = dual_timestep_embedding_fwd(t0, t1, freqs, weights, out)
+        compiled = self._cache.get(key) if self.enabled else None
+        if compiled is None:  # first call, the split path (never cached), or the fallback
+            compiled = dual_timestep_embedding_fwd(t0, t1, freqs, weights, out)
+            compiled = getattr(compiled, "result", lambda: compiled)()  # an async-compile future
+            if self.enabled and compiled is not None:
+                if cached_launch_supported(compiled):
+                    self._cache[key] = compiled
+                else:
+                    self._disable(f"Triton {triton.__version__}'s CompiledKernel lacks "
+                                  f"{', '.join(m for m in _COMPILED_MEMBERS if not hasattr(compiled, m))}")
             return
         args, grid = _launch_args(t0, t1, freqs, weights, out)
         hooks = triton.knobs.runtime
-        compiled.run(grid[0], 1, 1, stream, compiled.function, compiled.packed_metadata,
-                     compiled.launch_metadata(grid, stream, *args),
-                     hooks.launch_enter_hook, hooks.launch_exit_hook, *args)
+        try:
+            compiled.run(grid[0], 1, 1, stream, compiled.function, compiled.packed_metadata,
+                         compiled.launch_metadata(grid, stream, *args),
+                         hooks.launch_enter_hook, hooks.launch_exit_hook, *args)
+        except (TypeError, AttributeError) as exc:  # refused before launching: use the JIT
+            self._disable(f"cached launch refused by Triton {triton.__version__}: {exc}")
+            dual_timestep_embedding_fwd(t0, t1, freqs, weights, out)
+
+    def _disable(self, why: str) -> None:
+        self.enabled, self.why = False, why
+        self._cache.clear()
