@@ -58,6 +58,17 @@ class TrainConfig:
     ema_decay: float | None = None
     ema_every: int = 1
     ema_warmup: int = 0
+    # ema-pytorch (lucidrains) semantics, see dualdiff.train.ema: ema_update_after_step set
+    # (an int >= 0) = count steps from 0, act only every ema_every-th, copy the weights up to
+    # update_after_step, average after (replaces ema_warmup, which must then be 0); ema_power
+    # set = decay ramp min(ema_decay, max(ema_min_decay, 1 - (1 + s/ema_inv_gamma)^-ema_power))
+    # at s steps after the copy phase. The defaults (None, None) keep the constant decay
+    # above. ema-pytorch's own defaults: update_after_step=100, inv_gamma=1, power=2/3,
+    # min_decay=0, every=10
+    ema_update_after_step: int | None = None
+    ema_inv_gamma: float = 1.0
+    ema_power: float | None = None
+    ema_min_decay: float = 0.0
     # checkpoints under out_dir/checkpoints: every checkpoint_every steps (0 = never
     # periodically) and at the end of fit() when save_final; keep the newest keep_last (0 = all)
     out_dir: str = "runs/train"
@@ -107,6 +118,22 @@ class TrainConfig:
             raise ConfigError(f"grad_clip must be >= 0 or None, got {self.grad_clip}")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay <= 1.0:
             raise ConfigError(f"ema_decay must be in [0, 1] or None, got {self.ema_decay}")
+        if self.ema_update_after_step is not None:
+            if not self.ema_update_after_step >= 0:
+                raise ConfigError(f"ema_update_after_step must be >= 0 or None, got "
+                                  f"{self.ema_update_after_step}")
+            if self.ema_warmup:
+                raise ConfigError("ema_warmup and ema_update_after_step both set: "
+                                  "ema_update_after_step replaces ema_warmup (set it to 0)")
+        if not (self.ema_inv_gamma > 0 and math.isfinite(self.ema_inv_gamma)):
+            raise ConfigError(f"ema_inv_gamma must be a positive finite float, got "
+                              f"{self.ema_inv_gamma}")
+        if self.ema_power is not None and not (self.ema_power > 0
+                                               and math.isfinite(self.ema_power)):
+            raise ConfigError(f"ema_power must be a positive finite float or None, got "
+                              f"{self.ema_power}")
+        if not 0.0 <= self.ema_min_decay <= 1.0:
+            raise ConfigError(f"ema_min_decay must be in [0, 1], got {self.ema_min_decay}")
         for key, owner in _OPTIMIZER_KEYS.items():
             if key in self.optimizer_kwargs:
                 raise ConfigError(f"optimizer_kwargs.{key} conflicts with {owner}: set {owner} "

@@ -4,6 +4,12 @@ Every record is a flat dict with a ``step`` key. The CSV gains columns when new 
 names appear (the file is rewritten once with the wider header). On resume,
 :meth:`MetricsLogger.truncate_after` drops records past the resumed step so that the
 files describe one consistent trajectory.
+
+A crash in the middle of a write can leave a torn (incomplete, unterminated) last line.
+:func:`read_jsonl` drops a torn *final* line with a warning; a bad line anywhere else is a
+:class:`~dualdiff.errors.DataError` naming the file and the line. The logger repairs its
+files when it opens them (truncating each to its last complete line, with a warning) so
+appended records stay valid, and removes its own leftover ``*.tmp`` files.
 """
 from __future__ import annotations
 
@@ -15,6 +21,8 @@ import os
 import warnings
 from pathlib import Path
 from typing import Any
+
+from dualdiff.errors import DataError
 
 __all__ = ["MetricsLogger", "read_jsonl"]
 
@@ -31,13 +39,70 @@ def _jsonable(v: Any) -> Any:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    out = []
+    """The records of a JSONL file. A torn final line (a crash mid-write: not valid JSON and
+    not newline-terminated) is dropped with a RuntimeWarning; an invalid line elsewhere
+    raises :class:`~dualdiff.errors.DataError` naming the file and the line number."""
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                out.append(json.loads(line))
+        text = f.read()
+    lines = text.split("\n")  # the last item is "" when the file ends with a newline
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:  # no newline after it: the write was cut short
+                warnings.warn(f"{path}: dropped the torn last line {i + 1} (an interrupted "
+                              f"write): {line[:60]!r}", RuntimeWarning, stacklevel=2)
+                break
+            raise DataError(f"{path} line {i + 1} is not valid JSON ({e.msg}, column "
+                            f"{e.colno}): {line[:80]!r}; fix or delete that line") from e
     return out
+
+
+def _repair_last_line(path: Path) -> bool:
+    """Truncate ``path`` to its last complete (newline-terminated) line when a crash left a
+    torn one after it; warns and returns True when it did. A JSONL file whose unterminated
+    last line is still valid JSON only gets its newline."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return False
+    if size == 0:
+        return False
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return False
+        # find the end of the last complete line
+        block, pos = 1 << 16, size
+        cut = 0
+        while pos > 0:
+            start = max(0, pos - block)
+            f.seek(start)
+            chunk = f.read(pos - start)
+            k = chunk.rfind(b"\n")
+            if k >= 0:
+                cut = start + k + 1
+                break
+            pos = start
+        f.seek(cut)
+        tail = f.read()
+        if path.suffix == ".jsonl":
+            try:
+                json.loads(tail.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                pass
+            else:  # complete record, only its newline is missing
+                f.seek(0, os.SEEK_END)
+                f.write(b"\n")
+                return False
+        f.truncate(cut)
+    warnings.warn(f"{path}: dropped a torn last line ({len(tail)} bytes, an interrupted "
+                  f"write); the file now ends at its last complete line",
+                  RuntimeWarning, stacklevel=3)
+    return True
 
 
 class MetricsLogger:
@@ -60,6 +125,14 @@ class MetricsLogger:
         if not enabled:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
+        for leftover in (self.jsonl_path.with_suffix(".jsonl.tmp"),
+                         self.csv_path.with_suffix(".csv.tmp")):
+            if leftover.is_file():  # an interrupted rewrite; the real file is intact
+                leftover.unlink()
+                warnings.warn(f"removed {leftover}, left by an interrupted write",
+                              RuntimeWarning, stacklevel=2)
+        _repair_last_line(self.jsonl_path)
+        _repair_last_line(self.csv_path)
         if self.csv_path.exists():
             with open(self.csv_path, newline="", encoding="utf-8") as f:
                 header = next(csv.reader(f), None)

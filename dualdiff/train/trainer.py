@@ -48,7 +48,7 @@ from torch import nn
 
 from dualdiff.train import distributed as ddist
 from dualdiff.train.checkpoint import (CheckpointError, find_resumable, load_checkpoint,
-                                       save_checkpoint)
+                                       remove_stale_tmp, save_checkpoint)
 from dualdiff.train.config import NonFiniteLossError, TrainConfig
 from dualdiff.train.data import describe_batch, make_source, to_device
 from dualdiff.train.ema import EMA, unwrap_model
@@ -166,7 +166,9 @@ class Trainer:
         self.amp_dtype = resolve_amp(cfg.amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=self.amp_dtype == torch.float16)
-        self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_every, cfg.ema_warmup) \
+        self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_every, cfg.ema_warmup,
+                       update_after_step=cfg.ema_update_after_step, inv_gamma=cfg.ema_inv_gamma,
+                       power=cfg.ema_power, min_decay=cfg.ema_min_decay) \
             if cfg.ema_decay is not None else None
 
         train_model: nn.Module = self.model
@@ -184,6 +186,8 @@ class Trainer:
                                 pin_memory=self.device.type == "cuda")
         self.out_dir = Path(cfg.out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
+        if self.is_main:  # a write killed mid-way (SIGKILL, power cut) leaves its temp file
+            remove_stale_tmp(self.checkpoint_dir)
         self.logger = MetricsLogger(self.out_dir, enabled=self.is_main,
                                     tensorboard=cfg.tensorboard, wandb=cfg.wandb,
                                     wandb_kwargs=cfg.wandb_kwargs,
@@ -250,9 +254,12 @@ class Trainer:
     # --- checkpoints -------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """Everything needed to resume (collective under DDP: every rank must call it)."""
+        """Everything needed to resume (collective under DDP: every rank must call it);
+        :meth:`load_state` takes it back. The tensors share storage with the live model and
+        optimizer: ``copy.deepcopy`` it to keep a snapshot while training goes on."""
         rng = ddist.all_gather_object(rng_state())
         return {
+            "step": self.step,
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(),
@@ -302,7 +309,10 @@ class Trainer:
         self.load_state(load_checkpoint(path), Path(path))
 
     def load_state(self, state: dict, path: Path | str = "<state>") -> None:
+        """Restore what :meth:`state_dict` returned (or a loaded checkpoint)."""
         where = f"checkpoint {str(path)!r}"
+        if "step" not in state:
+            raise CheckpointError(f"{where} has no 'step': not a Trainer state")
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as e:
