@@ -68,33 +68,42 @@ def debug_enabled(args: argparse.Namespace | None = None) -> bool:
 # options
 
 
-Presets = Mapping[str, Any]  # name -> config instance, or a callable returning one
+Presets = Mapping[str, Callable[[], Any]]  # name -> zero-argument callable (dualdiff.experiments.run)
 
 
 def add_run_options(parser: argparse.ArgumentParser, config_cls: type, *,
                     presets: Presets | None = None, default_preset: str | None = None,
                     out_dir: str = "required", default_out_dir: str | None = None,
-                    resume: bool = True) -> None:
+                    resume: bool = True, train_key: str = "train",
+                    foreign_keys: tuple[str, ...] = (), run_input: str | None = None) -> None:
     """Add the shared options to ``parser`` for a command configured by ``config_cls``.
 
-    ``out_dir`` is ``"required"``, ``"optional"`` (with ``default_out_dir``) or ``"none"``
-    (commands that write nothing). ``presets`` maps a name to a config instance or a
-    zero-argument callable returning one; ``default_preset`` is used without ``preset=``.
+    ``out_dir``: ``"run"`` (the run folder: ``--out-dir`` is the ``train.out_dir`` key's flag),
+    ``"required"`` (an output folder the command needs; checked after ``--show-config``, never
+    by argparse), ``"optional"`` (with ``default_out_dir``) or ``"none"``. ``presets`` maps a
+    name to a zero-argument callable; ``default_preset`` is used without ``preset=``.
+    ``train_key``: the TrainConfig section the command trains with (``--resume`` and
+    ``--device`` set its keys). ``foreign_keys``: key prefixes the command does not read
+    (a ``key=value`` under them is a ConfigError, never ignored). ``run_input``: the name of the
+    option holding a finished run whose stored config the command starts from (``load_run``).
     """
-    if out_dir not in {"required", "optional", "none"}:
-        raise ValueError(f"out_dir must be required|optional|none, got {out_dir!r}")
-    if out_dir == "required":
-        parser.add_argument("--out-dir", required=True, metavar="DIR", help="output folder")
+    if out_dir not in {"run", "required", "optional", "none"}:
+        raise ValueError(f"out_dir must be run|required|optional|none, got {out_dir!r}")
+    if out_dir == "run":
+        parser.add_argument("--out-dir", default=None, metavar="DIR",
+                            help="the run folder (the train.out_dir key's flag; default: the preset's)")
+    elif out_dir == "required":
+        parser.add_argument("--out-dir", default=None, metavar="DIR", help="output folder (required)")
     elif out_dir == "optional":
         parser.add_argument("--out-dir", default=default_out_dir, metavar="DIR",
                             help=f"output folder (default {default_out_dir})")
     parser.add_argument("--config", default=None, metavar="FILE.yaml",
                         help=f"YAML file of {config_cls.__name__} keys")
     if resume:
-        parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|PATH",
-                            help="continue from the newest checkpoint in --out-dir (auto, the "
-                                 "bare flag's meaning: a fresh start when there is none) or "
-                                 "from a checkpoint file")
+        parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|latest|PATH",
+                            help="continue the run (the train.resume key's flag): auto (the bare flag) = "
+                                 "the newest usable checkpoint, else a fresh start; latest = the newest "
+                                 "usable checkpoint, an error if there is none; PATH = that checkpoint")
     parser.add_argument("--device", default=None, metavar="DEV",
                         help="auto | cpu | cuda | cuda:N (sets the config's device key)")
     parser.add_argument("--show-config", action="store_true",
@@ -105,40 +114,39 @@ def add_run_options(parser: argparse.ArgumentParser, config_cls: type, *,
                         help="config overrides, e.g. train.lr=2e-4"
                              + (f"; preset=NAME picks one of: {names}" if names else ""))
     parser.set_defaults(_config_cls=config_cls, _presets=dict(presets or {}),
-                        _default_preset=default_preset)
+                        _default_preset=default_preset, _out_dir_mode=out_dir, _train_key=train_key,
+                        _foreign_keys=tuple(foreign_keys), _run_input=run_input)
 
 
-def _preset_instance(name: str, cls: type, presets: Presets) -> Any:
-    from dualdiff.config import ConfigError
+def _device_key(cfg: Any, train_key: str = "train") -> str | None:
+    from dualdiff.experiments.run import section
 
-    if name not in presets:
-        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(presets)) or '(none)'}")
-    p = presets[name]
-    obj = p() if callable(p) and not isinstance(p, cls) else copy.deepcopy(p)
-    if not isinstance(obj, cls):
-        raise TypeError(f"preset {name!r} gives {type(obj).__name__}, not {cls.__name__}")
-    return obj
-
-
-def _device_key(cfg: Any) -> str | None:
-    names = {f.name for f in dataclasses.fields(cfg)}
-    if "train" in names and dataclasses.is_dataclass(cfg.train) and hasattr(cfg.train, "device"):
-        return "train.device"
-    if "device" in names:
+    try:
+        tc = section(cfg, train_key)
+    except AttributeError:
+        tc = None
+    if dataclasses.is_dataclass(tc) and hasattr(tc, "device"):
+        return f"{train_key}.device"
+    if "device" in {f.name for f in dataclasses.fields(cfg)}:
         return "device"
     return None
 
 
-def config_from_args(args: argparse.Namespace) -> Any:
-    """The config a command runs with: preset <- ``--config`` <- ``key=value`` <- ``--device``.
+def config_from_args(args: argparse.Namespace, base: Any = None) -> Any:
+    """The config a command runs with: preset (or ``base``, e.g. a finished run's stored config)
+    <- ``--config`` <- ``key=value`` <- ``--device`` / ``--out-dir`` / ``--resume``.
 
-    Prints the config and exits (``SystemExit(0)``) when ``--show-config`` was given.
-    Raises :class:`dualdiff.config.ConfigError` naming the key on any bad key or value.
+    Prints the config and exits (``SystemExit(0)``) when ``--show-config`` was given (no
+    ``--out-dir`` needed). Raises :class:`dualdiff.errors.ConfigError` naming the key on any bad
+    key or value, and on a flag that conflicts with its key
+    (:func:`dualdiff.experiments.run.apply_run_flags`).
     """
     from dualdiff.config import ConfigError, _read_yaml, _validate, apply_overrides, from_dict, merge
+    from dualdiff.experiments.run import apply_run_flags, from_name
 
     cls: type = args._config_cls
     presets: Presets = args._presets
+    train_key: str = getattr(args, "_train_key", "train")
     overrides = list(getattr(args, "overrides", None) or [])
     for tok in overrides:
         if "=" not in tok:
@@ -147,14 +155,25 @@ def config_from_args(args: argparse.Namespace) -> Any:
     rest = []
     for tok in overrides:
         key, _, value = tok.partition("=")
-        if key.strip() == "preset":
+        key = key.strip()
+        if key == "preset":
             if not presets:
                 raise ConfigError(f"{cls.__name__} has no presets; 'preset' is not a key")
+            if base is not None:
+                raise ConfigError("preset= does not apply here: the command starts from the run's stored config")
             preset = value.strip()
-        else:
-            rest.append(tok)
-    base = _preset_instance(preset, cls, presets) if preset is not None else from_dict(cls, {})
-    cfg = base
+            continue
+        for prefix in getattr(args, "_foreign_keys", ()):
+            if key.startswith(prefix):
+                raise ConfigError(f"{key} is not used by this command (it trains with {train_key}.*): "
+                                  f"set it for the command that reads it")
+        rest.append(tok)
+    if base is not None:
+        cfg = copy.deepcopy(base)
+    elif preset is not None:
+        cfg = from_name(presets, preset, cls.__name__)
+    else:
+        cfg = from_dict(cls, {})
     if args.config is not None:
         path = Path(args.config)
         if not path.is_file():
@@ -163,14 +182,20 @@ def config_from_args(args: argparse.Namespace) -> Any:
     if rest:
         cfg = apply_overrides(cfg, rest)
     if getattr(args, "device", None) is not None:
-        key = _device_key(cfg)
+        key = _device_key(cfg, train_key)
         if key is None:
             raise ConfigError(f"{cls.__name__} has no device key; --device does not apply")
         cfg = apply_overrides(cfg, [f"{key}={args.device}"])
     _validate(cfg)
+    mode = getattr(args, "_out_dir_mode", "none")
+    if mode == "run" or getattr(args, "resume", None) is not None:
+        cfg = apply_run_flags(cfg, getattr(args, "out_dir", None) if mode == "run" else None,
+                              getattr(args, "resume", None), presets=presets, train_key=train_key)
     if getattr(args, "show_config", False):
-        print(format_config(cfg, preset))
+        print(format_config(cfg, preset if base is None else None))
         raise SystemExit(0)
+    if mode == "required" and getattr(args, "out_dir", None) is None:
+        raise ConfigError("--out-dir is required")
     return cfg
 
 

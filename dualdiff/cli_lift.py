@@ -1,6 +1,6 @@
 """``dualdiff lift ...``: train, heatmap, path, plot, generate, generate-for-fid, fid, mse, demo.
 
-    dualdiff lift train [--out-dir DIR] [--config FILE.yaml] [--resume [auto|PATH]] [--device DEV]
+    dualdiff lift train [--out-dir DIR] [--config FILE.yaml] [--resume [auto|latest|PATH]] [--device DEV]
         [--show-config] [key=value ...]          keys of LIFTConfig, e.g. preset=tiny train.lr=2e-4
     dualdiff lift heatmap --checkpoint RUN --out-dir DIR [key=value ...]
     dualdiff lift path --heatmap DIR/heatmap.pt --out-dir DIR [key=value ...]
@@ -19,61 +19,23 @@ The analysis commands take keys of :class:`dualdiff.experiments.lift_analysis.LI
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 from pathlib import Path
 
-__all__ = ["register_lift_commands", "main"]
-
-
-def _user_facing(command):
-    """``command(args)`` with the library's errors about the user's input (a corrupt or foreign
-    checkpoint, an unreachable dataset, missing FID weights) raised as :class:`UserError`."""
-    @functools.wraps(command)
-    def run(args) -> int:
-        from dualdiff.errors import UserError
-        from dualdiff.data.images import DatasetUnavailableError
-        from dualdiff.metrics.fid import InceptionWeightsError
-        from dualdiff.train import CheckpointError
-
-        try:
-            return command(args)
-        except (CheckpointError, DatasetUnavailableError, InceptionWeightsError) as e:
-            raise UserError(str(e)) from e
-    return run
+__all__ = ["register_lift_commands"]
 
 
 def _train(args) -> int:
     from dualdiff.cli_common import config_from_args
-    from dualdiff.experiments.lift import LIFTConfig, train_lift
+    from dualdiff.experiments.lift import train_lift
 
-    cfg = config_from_args(args)
-    preset = LIFTConfig.from_name(_preset_name(args))
-    out_dir = _flag_or_key("--out-dir", args.out_dir, "train.out_dir", cfg.train.out_dir, preset.train.out_dir)
-    resume = _flag_or_key("--resume", args.resume, "train.resume", cfg.train.resume, preset.train.resume)
-    trainer = train_lift(cfg, out_dir, resume=resume)
+    cfg = config_from_args(args)  # --out-dir / --resume folded into train.out_dir / train.resume
+    trainer = train_lift(cfg)
     losses = [r["loss"] for r in trainer.history if "loss" in r]
     if losses:
         print(f"trained to step {trainer.step}: loss {losses[0]:.4f} -> {losses[-1]:.4f}; checkpoints in "
-              f"{Path(out_dir) / 'checkpoints'}")
+              f"{Path(cfg.train.out_dir) / 'checkpoints'}")
     return 0
-
-
-def _flag_or_key(flag: str, flag_value, key: str, key_value, preset_value):
-    """A flag that names the same thing as a config key: the flag when given, else the key;
-    a :class:`ConfigError` when both were set to different values."""
-    from dualdiff.config import ConfigError
-
-    if flag_value is None:
-        return key_value
-    if key_value not in (flag_value, preset_value):
-        raise ConfigError(f"{flag} {flag_value!r} and {key}={key_value!r} conflict: give one of them")
-    return flag_value
-
-
-def _preset_name(args) -> str:
-    names = [o.partition("=")[2].strip() for o in args.overrides or [] if o.partition("=")[0].strip() == "preset"]
-    return names[-1] if names else args._default_preset
 
 
 def _analysis_cfg(args):
@@ -199,16 +161,16 @@ def register_lift_commands(subparsers) -> argparse.ArgumentParser:
                        description="Train a LIFT model. The run folder is --out-dir (or the train.out_dir key; "
                                    "default runs/lift, runs/lift-tiny with preset=tiny). "
                                    "Example: dualdiff lift train preset=tiny train.lr=2e-4 --out-dir runs/t")
-    add_run_options(p, LIFTConfig, presets=LIFT_PRESETS, default_preset="default", out_dir="optional")
-    p.set_defaults(func=_user_facing(_train))
+    add_run_options(p, LIFTConfig, presets=LIFT_PRESETS, default_preset="default", out_dir="run")
+    p.set_defaults(func=(_train))
 
     p = _analysis_command(sub, "heatmap", "error heatmap over (γ0, γ1) with batched Hutchinson JVPs "
                                           "(torchrun: sharded)", checkpoint=True)
-    p.set_defaults(func=_user_facing(_heatmap))
+    p.set_defaults(func=(_heatmap))
 
     p = _analysis_command(sub, "path", "seed DP, greedy and fixed-step DP paths through a heatmap -> paths.json; "
                                        "per-kind sampling paths -> path_<kind>.json", heatmap="required")
-    p.set_defaults(func=_user_facing(_path))
+    p.set_defaults(func=(_path))
 
     p = sub.add_parser("plot", help="heatmap with the saved paths drawn on it (and the MSE chart with --mse)")
     p.add_argument("--heatmap", required=True, help="heatmap.pt / .json written by `dualdiff lift heatmap`")
@@ -216,25 +178,25 @@ def register_lift_commands(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--paths", default=None, metavar="FILE",
                    help="paths.json written by `dualdiff lift path` (default: DIR/paths.json)")
     p.add_argument("--mse", default=None, metavar="FILE", help="mse.json from `dualdiff lift mse` to plot as bars")
-    p.set_defaults(func=_user_facing(_plot))
+    p.set_defaults(func=(_plot))
 
     p = _analysis_command(sub, "generate", "DDIM sample grids along the `paths` key's kinds "
                                            "(diagonal, ddim, dp_total, dp_64, fixed_total, fixed_64, path_*.json)",
                           checkpoint=True, heatmap="optional")
-    p.set_defaults(func=_user_facing(_generate))
+    p.set_defaults(func=(_generate))
 
     p = _analysis_command(sub, "generate-for-fid", "write num_images generated PNGs along the path fid_path "
                                                    "(progress bar)", checkpoint=True, heatmap="optional")
-    p.set_defaults(func=_user_facing(_generate_for_fid))
+    p.set_defaults(func=(_generate_for_fid))
 
     p = _analysis_command(sub, "fid", "FID between two image folders (pytorch-fid Inception; stats cached as "
                                       ".npz in fid_cache_dir); with --out-dir also writes fid.json",
                           folders=True, out_dir="optional")
-    p.set_defaults(func=_user_facing(_fid))
+    p.set_defaults(func=(_fid))
 
     p = _analysis_command(sub, "mse", "the seed's MSE tests (both noisy; clean 32 + noisy 64; clean 64 + noisy 32)",
                           checkpoint=True)
-    p.set_defaults(func=_user_facing(_mse))
+    p.set_defaults(func=(_mse))
 
     p = sub.add_parser("demo", help="whole pipeline on the embedded data with the tiny config (CPU, minutes)",
                        description="Train, heatmap, paths, sample grids beside training images, MSE tests, "
@@ -242,18 +204,5 @@ def register_lift_commands(subparsers) -> argparse.ArgumentParser:
                                    "analysis.* (LIFTAnalysisConfig), device; e.g. lift.train.steps=100")
     add_run_options(p, LIFTDemoConfig, presets=LIFT_DEMO_PRESETS, default_preset="tiny", out_dir="optional",
                     default_out_dir="runs/lift-demo", resume=False)
-    p.set_defaults(func=_user_facing(_demo))
+    p.set_defaults(func=(_demo))
     return lift
-
-
-def main(argv=None) -> int:
-    """``python -m dualdiff.cli_lift lift ...``: the same as ``dualdiff lift ...``."""
-    from dualdiff.cli import main as dualdiff_main
-
-    return dualdiff_main(argv)
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())

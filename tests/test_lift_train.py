@@ -5,6 +5,8 @@ import copy
 import pytest
 import torch
 
+from dualdiff.errors import CheckpointError
+
 from dualdiff.config import ConfigError, apply_overrides, dump_yaml, load_config
 from dualdiff.diffusion import make_schedule
 from dualdiff.experiments.lift import (LIFT_PRESETS, LIFTConfig, LIFTDataConfig, build_lift_dataset, lift_loss,
@@ -141,15 +143,15 @@ def test_resume_is_exact(tmp_path):
     straight = train_lift(cfg, tmp_path / "a", verbose=False)
     part = train_lift(cfg, tmp_path / "b", until=3, verbose=False)
     assert part.step == 3
-    resumed = train_lift(cfg, tmp_path / "b", resume=True, verbose=False)
+    resumed = train_lift(cfg, tmp_path / "b", resume="latest", verbose=False)
     assert resumed.resumed_from is not None and resumed.step == 6
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in straight.history[3:]]
     for (k, p), q in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=k)
     for p, q in zip(straight.ema_model.state_dict().values(), resumed.ema_model.state_dict().values()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
-    with pytest.raises(FileNotFoundError):
-        train_lift(cfg, tmp_path / "empty", resume=True, verbose=False)
+    with pytest.raises(CheckpointError, match="no usable checkpoint"):  # latest: must exist
+        train_lift(cfg, tmp_path / "empty", resume="latest", verbose=False)
     # resume=None follows the config's train.resume key
     cfg.train.resume = "auto"
     again = train_lift(cfg, tmp_path / "b", verbose=False)

@@ -26,10 +26,8 @@ compile, EMA, atomic checkpoints, exact resume, DDP under torchrun).
 """
 from __future__ import annotations
 
-import copy
 import logging
 import os
-import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from collections.abc import Callable
@@ -45,8 +43,8 @@ from dualdiff.data.images import (ImageFolderDataset, ProceduralDualScaleImages,
 from dualdiff.diffusion import NoiseSchedule, make_schedule, q_sample
 from dualdiff.models.lift import LIFTDualTimestepModel, LIFTModelConfig, SingleScaleUNet
 from dualdiff.utils.seed import derive_seed
-from dualdiff.train import (CheckpointError, TrainConfig, Trainer, latest_checkpoint,
-                            load_checkpoint, resolve_checkpoint)
+from dualdiff.experiments.run import apply_run_flags, check_resume, from_name, load_run, load_weights
+from dualdiff.train import TrainConfig, Trainer, resolve_checkpoint
 
 __all__ = ["LIFTDataConfig", "LIFTConfig", "LIFT_PRESETS", "LIFTLoss", "lift_loss",
            "single_scale_loss", "build_lift_model", "build_lift_dataset", "build_lift_schedule",
@@ -132,9 +130,7 @@ class LIFTConfig:
     @classmethod
     def from_name(cls, name: str) -> "LIFTConfig":
         """A fresh copy of the preset ``name`` of :data:`LIFT_PRESETS` (``tiny`` | ``default``)."""
-        if name not in LIFT_PRESETS:
-            raise ConfigError(f"unknown LIFT preset {name!r}; choose one of: {', '.join(LIFT_PRESETS)}")
-        return LIFT_PRESETS[name]()
+        return from_name(LIFT_PRESETS, name, "LIFT")
 
 
 def _tiny() -> LIFTConfig:
@@ -274,19 +270,9 @@ class LIFTLoss:
 def _prepared(config: LIFTConfig, out_dir, resume) -> LIFTConfig:
     if not isinstance(config, LIFTConfig):
         raise TypeError(f"config must be a LIFTConfig, got {type(config).__name__}")
-    cfg = copy.deepcopy(config)
-    if out_dir is not None:
-        cfg.train.out_dir = str(out_dir)
-    if resume is True:
-        cfg.train.resume = "latest"
-    elif resume is False:
-        cfg.train.resume = None
-    elif isinstance(resume, (str, os.PathLike)):
-        cfg.train.resume = str(resume)
-    elif resume is not None:
-        raise TypeError(f"resume must be None, a bool, 'auto', 'latest' or a checkpoint path, got {resume!r}")
-    cfg.validate()
+    cfg = apply_run_flags(config, out_dir, resume, presets=LIFT_PRESETS)
     cfg.train.validate()
+    check_resume(cfg.train.resume, Path(cfg.train.out_dir) / "checkpoints")
     return cfg
 
 
@@ -295,9 +281,9 @@ def train_lift(config: LIFTConfig, out_dir: str | os.PathLike | None = None, res
                until: int | None = None, verbose: bool = True) -> Trainer:
     """Train (or continue) a LIFT run with :class:`dualdiff.train.Trainer`.
 
-    ``out_dir``: the run folder (None: ``config.train.out_dir``). ``resume``: None (as
-    ``config.train.resume`` says), False (fresh), True (latest checkpoint in
-    ``out_dir/checkpoints``; must exist), ``"auto"`` (latest if any) or a checkpoint path.
+    ``out_dir``: the run folder (None: ``config.train.out_dir``; both set and different: a
+    ConfigError). ``resume``: None (as ``config.train.resume`` says), ``"auto"`` / True,
+    ``"latest"``, a checkpoint path, or False (fresh) — :mod:`dualdiff.experiments.run`.
     ``dataset`` overrides ``config.data``; ``until`` stops at that step (simulated preemption).
     Checkpoints store the whole config (``run_config``), so :func:`load_lift_model` rebuilds the
     model from the file alone. Returns the (closed) trainer: ``trainer.history`` holds the
@@ -329,25 +315,8 @@ def load_lift_model(checkpoint_path: str | os.PathLike, ema: bool = True,
     takes the EMA weights when ``ema`` and the checkpoint has them (otherwise the raw weights,
     with a warning if EMA was asked for). The model is returned in eval mode on ``map_location``.
     """
-    from dualdiff.config import from_dict
-    path = resolve_checkpoint(checkpoint_path)
-    state = load_checkpoint(path, map_location=map_location)
-    run = state.get("run_config")
-    if not run or "model" not in run:
-        raise CheckpointError(f"checkpoint {str(path)!r} has no LIFT run config: was it written by train_lift?")
-    cfg = from_dict(LIFTConfig, run)
-    model = build_lift_model(cfg)
-    weights = state["model"]
-    if ema:
-        if state.get("ema") is not None:
-            weights = state["ema"]["model"]
-        else:
-            warnings.warn(f"checkpoint {str(path)!r} has no EMA weights; loading the raw weights",
-                          RuntimeWarning, stacklevel=2)
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {str(path)!r} does not fit the model its config describes: {e}") from e
+    run = load_run(checkpoint_path, LIFTConfig, writer="train_lift", map_location=map_location)
+    model = load_weights(build_lift_model(run.config), run, ema=ema, warn_missing_ema=True)
     if map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
         model = model.to(map_location)
-    return model.eval(), cfg
+    return model.eval(), run.config

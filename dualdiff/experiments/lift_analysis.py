@@ -139,9 +139,9 @@ class LIFTAnalysisConfig:
 
 
 def _from_presets(presets: dict, name: str, what: str):
-    if name not in presets:
-        raise ConfigError(f"unknown {what} preset {name!r}; choose one of: {', '.join(presets)}")
-    return presets[name]()
+    from dualdiff.experiments.run import from_name
+
+    return from_name(presets, name, what)
 
 
 def _analysis_tiny() -> LIFTAnalysisConfig:

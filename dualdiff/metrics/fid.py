@@ -34,6 +34,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from dualdiff.errors import UserError
 from dualdiff.ops.frechet import frechet_distance
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "InceptionWeightsError",
     "activation_statistics",
+    "check_images",
     "fid_from_folders",
     "fid_from_stats",
     "folder_key",
@@ -56,8 +58,9 @@ FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 IMAGE_EXTENSIONS = {"bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp"}
 
 
-class InceptionWeightsError(RuntimeError):
-    """The FID Inception weights are neither given, cached nor downloadable."""
+class InceptionWeightsError(UserError, RuntimeError):
+    """The FID Inception weights are neither given, cached nor downloadable (a user error: the
+    CLI prints it as one line)."""
 
 
 def _hub_weights_path() -> Path:
@@ -148,10 +151,34 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     return files
 
 
-def _load_batch(files: Sequence[Path]) -> torch.Tensor:
-    from PIL import Image
+def check_images(files: Sequence[Path], *, verify: bool = False, skip_bad: bool = False) -> list[Path]:
+    """The files that pass :func:`dualdiff.data.checks.check_image` (header + ``Image.verify()``;
+    a full decode with ``verify``): a bad one raises :class:`~dualdiff.errors.DataError` naming it,
+    or with ``skip_bad`` is dropped with a warning."""
+    from dualdiff.data.checks import check_all, check_image
 
-    arrs = [np.asarray(Image.open(f).convert("RGB"), dtype=np.uint8) for f in files]
+    return [f for f, _ in check_all(list(files), lambda f: check_image(f, verify=verify), skip_bad=skip_bad,
+                                    what="images", hint="skip_bad=True")]
+
+
+def _load_batch(files: Sequence[Path], skip_bad: bool = False) -> torch.Tensor | None:
+    """RGB uint8 -> float [B, 3, H, W] in [0, 1]; a file that fails to decode raises DataError naming
+    it, or under ``skip_bad`` is left out with a warning (None when none is left)."""
+    import warnings
+
+    from dualdiff.data.checks import BadDataWarning, read_image
+    from dualdiff.errors import DataError
+
+    arrs = []
+    for f in files:
+        try:
+            arrs.append(np.asarray(read_image(f, mode="RGB"), dtype=np.uint8))
+        except DataError as e:
+            if not skip_bad:
+                raise
+            warnings.warn(f"{e}; skipped (skip_bad=True)", BadDataWarning, stacklevel=2)
+    if not arrs:
+        return None
     shapes = {a.shape for a in arrs}
     if len(shapes) > 1:
         raise ValueError(f"images in one batch differ in size: {sorted(shapes)}; use batch_size=1 or resize")
@@ -160,10 +187,11 @@ def _load_batch(files: Sequence[Path]) -> torch.Tensor:
 
 @torch.no_grad()
 def activation_statistics(images, extractor: Callable, *, batch_size: int = 50, device=None,
-                          progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                          progress: bool = False, skip_bad: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(mu [D], sigma [D, D]) float64 of ``extractor`` features.
 
-    images: a list of image files, or a float tensor ``[N, 3, H, W]`` in [0, 1].
+    images: a list of image files, or a float tensor ``[N, 3, H, W]`` in [0, 1]. A file that fails
+    to decode raises :class:`~dualdiff.errors.DataError` naming it (``skip_bad``: left out, warned).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
@@ -181,10 +209,14 @@ def activation_statistics(images, extractor: Callable, *, batch_size: int = 50, 
     feats = []
     for s in it:
         chunk = images[s:s + batch_size]
-        x = _load_batch(chunk) if not isinstance(chunk, torch.Tensor) else chunk.float()
+        x = _load_batch(chunk, skip_bad) if not isinstance(chunk, torch.Tensor) else chunk.float()
+        if x is None:
+            continue
         f = extractor(x.to(device))
         feats.append(f.reshape(f.shape[0], -1).double().cpu().numpy())
-    act = np.concatenate(feats, axis=0)
+    act = np.concatenate(feats, axis=0) if feats else np.zeros((0, 0))
+    if act.shape[0] < 2:
+        raise ValueError(f"need at least 2 readable images for a covariance, got {act.shape[0]}")
     return act.mean(axis=0), np.cov(act, rowvar=False)
 
 
@@ -207,8 +239,12 @@ def _default_cache_dir() -> Path:
 
 def folder_statistics(folder: str | os.PathLike, extractor: Callable, *, batch_size: int = 50, device=None,
                       cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
-                      progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) of a folder's images, read from / written to the .npz cache."""
+                      progress: bool = False, verify: bool = False,
+                      skip_bad: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of a folder's images, read from / written to the .npz cache. Before features
+    are computed (a cache miss) every image is checked (:func:`check_images`; ``verify``: a full
+    decode): a bad one raises :class:`~dualdiff.errors.DataError` naming it, or with ``skip_bad``
+    is left out with a warning."""
     files = list_images(folder)
     ext_id = str(getattr(extractor, "cache_id", type(extractor).__name__))
     cache = None
@@ -218,7 +254,9 @@ def folder_statistics(folder: str | os.PathLike, extractor: Callable, *, batch_s
         if cache.is_file():
             with np.load(cache) as z:
                 return z["mu"], z["sigma"]
-    mu, sigma = activation_statistics(files, extractor, batch_size=batch_size, device=device, progress=progress)
+    files = check_images(files, verify=verify, skip_bad=skip_bad)
+    mu, sigma = activation_statistics(files, extractor, batch_size=batch_size, device=device, progress=progress,
+                                      skip_bad=skip_bad)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp.npz")
@@ -243,11 +281,14 @@ def fid_from_folders(folder_a: str | os.PathLike, folder_b: str | os.PathLike, *
                      extractor: Callable | None = None, inception_weights: str | os.PathLike | None = None,
                      dims: int = 2048, batch_size: int = 50, device=None,
                      cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
-                     allow_download: bool | None = None, progress: bool = False) -> float:
-    """FID between the images of two folders (module docstring for weights and caching)."""
+                     allow_download: bool | None = None, progress: bool = False, verify: bool = False,
+                     skip_bad: bool = False) -> float:
+    """FID between the images of two folders (module docstring for weights and caching; bad
+    image files: :func:`folder_statistics`)."""
     if extractor is None:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         extractor = load_inception(dims, inception_weights, device=device, allow_download=allow_download)
-    kw = dict(batch_size=batch_size, device=device, cache_dir=cache_dir, use_cache=use_cache, progress=progress)
+    kw = dict(batch_size=batch_size, device=device, cache_dir=cache_dir, use_cache=use_cache, progress=progress,
+              verify=verify, skip_bad=skip_bad)
     return fid_from_stats(folder_statistics(folder_a, extractor, **kw), folder_statistics(folder_b, extractor, **kw))
