@@ -76,6 +76,41 @@ def test_bad_folders(tmp_path):
         list_images(tmp_path / "empty")
 
 
+def test_corrupt_image_named_before_any_feature_is_computed(tmp_path):
+    from dualdiff.errors import DataError
+
+    a = _folder(tmp_path / "a", 6, 0)
+    data = (a / "003.png").read_bytes()
+    (a / "003.png").write_bytes(data[: len(data) // 2])
+    ext = TinyFeatures()
+    with pytest.raises(DataError, match=r"bad image '.*a/003\.png'.*skip_bad=True skips it"):
+        fid_from_folders(a, a, extractor=ext, use_cache=False)
+    assert ext.calls == 0
+
+
+def test_skip_bad_leaves_bad_images_out(tmp_path):
+    from dualdiff.data.checks import BadDataWarning
+    from dualdiff.errors import DataError
+
+    a = _folder(tmp_path / "a", 6, 0)
+    ext = TinyFeatures()
+    ref = activation_statistics(list_images(a)[:-1], ext)
+    (a / "005.png").write_bytes(b"not an image")
+    with pytest.warns(BadDataWarning, match=r"005\.png"):
+        mu, sigma = folder_statistics(a, ext, use_cache=False, skip_bad=True)
+    np.testing.assert_allclose(mu, ref[0])
+    np.testing.assert_allclose(sigma, ref[1])
+    # a file that breaks after the check: named, or left out under skip_bad
+    files = list_images(a)[:-1]
+    (a / "002.png").write_bytes(b"broken later")
+    with pytest.raises(DataError, match=r"bad image '.*002\.png'"):
+        activation_statistics(files, ext, batch_size=2)
+    with pytest.warns(BadDataWarning, match=r"002\.png"):
+        mu2, _ = activation_statistics(files, ext, batch_size=2, skip_bad=True)
+    ref2 = activation_statistics([f for f in files if f.name != "002.png"], ext)
+    np.testing.assert_allclose(mu2, ref2[0], rtol=1e-5)  # other batch sizes: fp32 sums differ
+
+
 def test_offline_without_weights_says_how(tmp_path, monkeypatch, require):
     pfi = require("pytorch_fid.inception")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))

@@ -90,6 +90,49 @@ def test_domain_folder_errors(tmp_path):
         DomainFolder(tmp_path)
 
 
+def test_domain_folder_corrupt_jpeg_named_at_construction(tmp_path):
+    """A .jpg whose header is garbage fails the build-time check; a truncated one passes the
+    header check and fails verify=True's full decode. Both name the file."""
+    from PIL import Image
+
+    _tree(tmp_path)
+    good = tmp_path / "a" / "1" / "ok.jpg"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(good)
+    bad = tmp_path / "b" / "0" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8" + bytes(range(256)) * 4)  # a JPEG start marker, then garbage
+    with pytest.raises(DatasetError, match=r"bad image '.*b/0/broken\.jpg'"):
+        DomainFolder(tmp_path, 16)
+    bad.unlink()
+    good.write_bytes(good.read_bytes()[:-300])
+    assert len(DomainFolder(tmp_path, 16)) == 13
+    with pytest.raises(DatasetError, match=r"bad image '.*a/1/ok\.jpg'.*truncated"):
+        DomainFolder(tmp_path, 16, verify=True)
+
+
+def test_domain_folder_skip_bad_keeps_labels_aligned(tmp_path):
+    from dualdiff.data.checks import BadDataWarning
+
+    _tree(tmp_path)
+    (tmp_path / "a" / "1" / "0.png").write_bytes(b"garbage")
+    (tmp_path / "b" / "0" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    with pytest.raises(DatasetError, match=r"a/1/0\.png.*and 1 more bad images; data\.skip_bad=true"):
+        DomainFolder(tmp_path, 16)
+    with pytest.warns(BadDataWarning) as rec:
+        ds = DomainFolder(tmp_path, 16, skip_bad=True)
+    assert len(rec) == 2 and len(ds) == 10
+    names = [str(f.relative_to(tmp_path)) for f in ds.files]
+    assert "a/1/0.png" not in names and "b/0/2.png" not in names
+    for f, y, e in zip(ds.files, ds.labels, ds.env_labels):
+        assert (f.parent.name, f.parent.parent.name) == (ds.classes[y], ds.environments[e])
+    for k in range(2):  # an environment left without any readable image is an error
+        (tmp_path / "b" / "1" / f"{k}.png").write_bytes(b"garbage")
+    for k in range(2):
+        (tmp_path / "b" / "0" / f"{k}.png").write_bytes(b"garbage")
+    (tmp_path / "b" / "1" / "2.png").write_bytes(b"garbage")
+    with pytest.warns(BadDataWarning), pytest.raises(DatasetError, match="'.*/b' has no readable images"):
+        DomainFolder(tmp_path, 16, skip_bad=True)
+
+
 def test_domain_split_holdout_and_test_env():
     env = np.repeat(np.arange(3), 10)
     s = domain_split(env, [1], holdout_fraction=0.2, seed=0)

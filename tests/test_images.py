@@ -130,6 +130,37 @@ def test_image_folder_errors(tmp_path):
         ImageFolderDataset(tmp_path / "empty")
 
 
+def test_image_folder_corrupt_png_named_at_construction(tmp_path):
+    from dualdiff.errors import DataError
+
+    for k in range(3):
+        _save(torch.full((8, 8, 3), 40 * k, dtype=torch.uint8), tmp_path / f"{k}.png")
+    data = (tmp_path / "1.png").read_bytes()
+    (tmp_path / "1.png").write_bytes(data[:-20])  # IDAT CRC / IEND gone
+    with pytest.raises(DataError, match=r"bad image '.*1\.png'.*data\.skip_bad=true skips it"):
+        ImageFolderDataset(tmp_path, size=8)
+
+
+def test_image_folder_skip_bad_at_build_and_mid_run(tmp_path):
+    from dualdiff.data.checks import BadDataWarning
+
+    for k in range(4):
+        _save(torch.full((8, 8, 3), 40 * k, dtype=torch.uint8), tmp_path / f"{k}.png")
+    (tmp_path / "0.png").write_bytes(b"garbage")
+    with pytest.warns(BadDataWarning, match=r"0\.png"):
+        ds = ImageFolderDataset(tmp_path, size=8, skip_bad=True)
+    assert [f.name for f in ds.files] == ["1.png", "2.png", "3.png"]
+    (tmp_path / "0.png").unlink()
+    strict = ImageFolderDataset(tmp_path, size=8)
+    (tmp_path / "2.png").write_bytes(b"broken after the check")  # mid-run
+    with pytest.raises(DatasetUnavailableError, match=r"bad image '.*2\.png'"):
+        strict[1]
+    with pytest.warns(BadDataWarning, match=r"2\.png"):
+        x = ds[1]
+    torch.testing.assert_close(x, ds[2])  # the next good image instead
+    assert not torch.allclose(x, ds[0])
+
+
 def test_hf_afhq_without_datasets(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
     with pytest.raises(DatasetUnavailableError, match="pip install datasets"):

@@ -69,11 +69,74 @@ def test_folder_items_split_and_errors(tmp_path):
     with pytest.raises(DataError, match="t1.png.*values 7..7"):
         HistologyFolder(root)
     Image.fromarray(np.zeros((8, 16), np.uint8)).save(root / "masks" / "t1.png")
-    with pytest.raises(DataError, match="is 16x16 but its mask"):
+    with pytest.raises(DataError, match=r"masks/t1\.png.* is 16x8 but its image .*images/t1\.png.* is 16x16"):
         HistologyFolder(root)
     (root / "masks" / "t1.png").unlink()
-    with pytest.raises(DataError, match="missing mask file for image 't1.png'"):
+    with pytest.raises(DataError, match=r"missing mask file for image .*images/t1\.png"):
         HistologyFolder(root)
+
+
+def _corrupt_png(path):
+    """Keep the header, cut the file in the middle of its image data."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_folder_corrupt_image_named_at_construction(tmp_path):
+    root = _folder(tmp_path)
+    _corrupt_png(root / "images" / "t2.png")
+    with pytest.raises(DataError, match=r"bad image '.*images/t2\.png'.*data\.skip_bad=true skips it"):
+        HistologyFolder(root)
+
+
+def test_folder_wrong_shape_mask_named_at_construction(tmp_path):
+    root = _folder(tmp_path)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / "masks" / "t3.png")  # RGB mask
+    with pytest.raises(DataError, match=r"bad mask '.*masks/t3\.png'.*single-channel.*\(16, 16, 3\)"):
+        HistologyFolder(root)
+
+
+def test_folder_skip_bad_drops_bad_pairs_with_a_warning(tmp_path):
+    from dualdiff.data.checks import BadDataWarning
+
+    root = _folder(tmp_path)
+    _corrupt_png(root / "images" / "t2.png")
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / "masks" / "t3.png")
+    with pytest.warns(BadDataWarning) as rec:
+        ds = HistologyFolder(root, size=8, skip_bad=True)
+    named = " ".join(str(w.message) for w in rec)
+    assert "t2.png" in named and "t3.png" in named
+    assert [p.name for p, _ in ds.entries] == ["t0.png", "t1.png", "u0.png"]
+    assert ds.pixel_counts.sum() == 2 * 16 * 16
+    assert ds[1]["has_mask"] and not ds[2]["has_mask"]
+
+
+def test_folder_file_broken_after_construction(tmp_path):
+    """A file that breaks mid-run: DataError naming it, or skipped (next tile) under skip_bad."""
+    from dualdiff.data.checks import BadDataWarning
+
+    root = _folder(tmp_path, unlabelled=0)
+    strict, lenient = HistologyFolder(root, size=8), HistologyFolder(root, size=8, skip_bad=True)
+    (root / "images" / "t1.png").write_bytes(b"not a png any more")
+    with pytest.raises(DataError, match=r"images/t1\.png"):
+        strict[1]
+    with pytest.warns(BadDataWarning, match=r"images/t1\.png"):
+        item = lenient[1]
+    torch.testing.assert_close(item["image"], lenient[2]["image"])  # served the next good tile
+    assert lenient._guard.bad == {1}
+
+
+def test_folder_verify_decodes_every_image(tmp_path):
+    """A truncated JPEG passes the header check but not the full decode of verify=True."""
+    root = _folder(tmp_path, unlabelled=0)
+    rng = np.random.default_rng(1)
+    jpg = root / "images" / "t0.jpg"
+    (root / "images" / "t0.png").unlink()
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(jpg, quality=95)
+    jpg.write_bytes(jpg.read_bytes()[:-200])
+    assert len(HistologyFolder(root)) == 4  # header-level check only
+    with pytest.raises(DataError, match=r"bad image '.*images/t0\.jpg'.*truncated"):
+        HistologyFolder(root, verify=True)
 
 
 def test_balanced_cutoffs_and_sampling():

@@ -8,8 +8,10 @@ import torch
 
 from dualdiff.cli_common import UserError
 from dualdiff.data.tadiff import make_patient, write_procedural_patients
+from dualdiff.data.checks import BadDataWarning
 from dualdiff.data.tadiff_io import (TaDiffDataError, TaDiffSlices, center_crop_pad, crop_foreground,
-                                     list_npy_patients, load_nifti_patient, load_npy_patient)
+                                     list_npy_patients, load_nifti_patient, load_npy_patient, load_patients)
+from dualdiff.errors import DataError
 
 KW = dict(size=16, depth=6, sessions=5)
 
@@ -61,6 +63,50 @@ def test_missing_and_malformed_files(tmp_path):
         load_npy_patient(tmp_path, "sub-000")
 
 
+def _truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_truncated_npy_is_named_before_any_array_is_read(tmp_path, monkeypatch):
+    write_procedural_patients(tmp_path, 3, seed=0, **KW)
+    _truncate(tmp_path / "sub-001_label.npy")
+    reads = []
+    real_load = np.load
+    monkeypatch.setattr(np, "load", lambda *a, **k: reads.append(a[0]) or real_load(*a, **k))
+    with pytest.raises(DataError, match=r"bad label file '.*sub-001_label\.npy': truncated.*"
+                                        r"data\.skip_bad=true skips it"):
+        load_patients(tmp_path, ["sub-000", "sub-001", "sub-002"])
+    assert reads == []  # found from the headers, before any patient was loaded
+
+
+def test_npy_shape_mismatch_named_from_the_headers(tmp_path):
+    write_procedural_patients(tmp_path, 1, seed=0, **KW)
+    np.save(tmp_path / "sub-000_days.npy", np.arange(4))
+    with pytest.raises(TaDiffDataError, match=r"'.*sub-000_days\.npy' has 4 entries.*per session \(5\)"):
+        load_patients(tmp_path, ["sub-000"])
+    np.save(tmp_path / "sub-000_days.npy", np.array(["a"] * 5, dtype=object), allow_pickle=True)
+    with pytest.raises(DataError, match=r"sub-000_days\.npy.*Python objects"):
+        load_patients(tmp_path, ["sub-000"])
+    (tmp_path / "sub-000_days.npy").write_bytes(b"not npy at all")
+    with pytest.raises(DataError, match=r"sub-000_days\.npy.*not a readable \.npy"):
+        load_patients(tmp_path, ["sub-000"])
+
+
+def test_skip_bad_patients_and_verify(tmp_path):
+    write_procedural_patients(tmp_path, 3, seed=0, **KW)
+    _truncate(tmp_path / "sub-001_image.npy", 0.9)
+    with pytest.warns(BadDataWarning, match=r"sub-001_image\.npy.*skipped \(data\.skip_bad=true\)"):
+        got = load_patients(tmp_path, ["sub-000", "sub-001", "sub-002"], skip_bad=True)
+    assert [p.pid for p in got] == ["sub-000", "sub-002"]
+    img = np.load(tmp_path / "sub-002_image.npy")
+    img[0, 0, 0, 0] = np.nan
+    np.save(tmp_path / "sub-002_image.npy", img)
+    assert len(load_patients(tmp_path, ["sub-000", "sub-002"])) == 2  # verify off: values not scanned
+    with pytest.raises(TaDiffDataError, match="sub-002.*NaN or inf"):
+        load_patients(tmp_path, ["sub-000", "sub-002"], verify=True)
+
+
 def _write_nifti(nib, root, pid, sessions=4, shape=(12, 12, 5), drop=None):
     pdir = root / pid
     rows = ["session,day,treatment"]
@@ -93,6 +139,37 @@ def test_nifti_loader(tmp_path, require):
     _write_nifti(nib, tmp_path, "p2", drop="ses-02/Flair.nii.gz")
     with pytest.raises(FileNotFoundError, match="FLAIR image of p2/ses-02"):
         load_nifti_patient(tmp_path, "p2")
+
+
+def test_truncated_nifti_is_named_at_check_time(tmp_path, require):
+    nib = require("nibabel")
+    _write_nifti(nib, tmp_path, "p1")
+    _write_nifti(nib, tmp_path, "p2")
+    bad = tmp_path / "p2" / "ses-01" / "T1c.nii.gz"
+    _truncate(bad, 0.7)
+    assert nib.load(bad).shape == (12, 12, 5)  # the header alone still reads
+    with pytest.raises(DataError, match=r"bad T1c volume '.*p2/ses-01/T1c\.nii\.gz'"):
+        load_patients(tmp_path, ["p1", "p2"], "nifti")
+    with pytest.warns(BadDataWarning, match=r"T1c\.nii\.gz"):
+        assert [p.pid for p in load_patients(tmp_path, ["p1", "p2"], "nifti", skip_bad=True)] == ["p1"]
+    mask = tmp_path / "p1" / "ses-03" / "EdemaMask-CL.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((12, 12, 4), np.uint8), np.eye(4)), mask)
+    with pytest.raises(TaDiffDataError, match=r"EdemaMask-CL\.nii\.gz' has shape \(12, 12, 4\)"):
+        load_patients(tmp_path, ["p1"], "nifti")
+
+
+def test_nifti_uncompressed_truncation(tmp_path, require):
+    nib = require("nibabel")
+    from dualdiff.data.checks import check_nifti
+
+    f = tmp_path / "v.nii"
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.float32), np.eye(4)), f)
+    assert check_nifti(f, ndim=3).shape == (8, 8, 8)
+    with pytest.raises(DataError, match=r"'.*v\.nii'.*3 dimensions.*expected 2"):
+        check_nifti(f, ndim=2)
+    _truncate(f, 0.8)
+    with pytest.raises(DataError, match=r"bad NIfTI volume '.*v\.nii': truncated"):
+        check_nifti(f)
 
 
 def test_nifti_without_nibabel_is_a_clear_error(tmp_path, monkeypatch):

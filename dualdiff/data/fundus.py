@@ -48,6 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dualdiff.data.checks import BadFileGuard, check_all, check_image, read_image
 from dualdiff.errors import DataError
 from dualdiff.utils.seed import derive_seed
 
@@ -266,9 +267,15 @@ class DomainFolder(torch.utils.data.Dataset):
     """``root/<environment>/<class>/<image>`` (DomainBed layout), resized and centre-cropped to
     ``image_size``; environments sorted by name, classes the sorted union of class folders.
     Raises ``FileNotFoundError`` when ``root`` is missing and :class:`DatasetError` naming the folder
-    when it holds no environment folders or an environment holds no images."""
+    when it holds no environment folders or an environment holds no (readable) images.
 
-    def __init__(self, root: str | os.PathLike, image_size: int = 224) -> None:
+    Every image is checked on construction (:func:`dualdiff.data.checks.check_image`: header and
+    ``Image.verify()``; a full decode with ``verify=True``): a bad one raises :class:`DatasetError`
+    naming it, or with ``skip_bad=True`` is dropped with a warning; one that fails to decode later
+    raises the same way or, under ``skip_bad``, is skipped (the next good image is served)."""
+
+    def __init__(self, root: str | os.PathLike, image_size: int = 224, *, verify: bool = False,
+                 skip_bad: bool = False) -> None:
         root_p = Path(root).expanduser()
         if not root_p.is_dir():
             raise FileNotFoundError(f"data.path: no such folder: {str(root_p)!r}")
@@ -278,39 +285,46 @@ class DomainFolder(torch.utils.data.Dataset):
                              "(expected root/<environment>/<class>/<image>)")
         self.environments = [p.name for p in env_dirs]
         self.classes = sorted({c.name for e in env_dirs for c in e.iterdir() if c.is_dir()})
-        files, labels, envs = [], [], []
+        found: list[tuple[Path, int, int]] = []
         for ei, e in enumerate(env_dirs):
-            n0 = len(files)
+            n0 = len(found)
             for ci, c in enumerate(self.classes):
                 d = e / c
                 if not d.is_dir():
                     continue
-                for f in sorted(d.rglob("*")):
-                    if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
-                        files.append(f)
-                        labels.append(ci)
-                        envs.append(ei)
-            if len(files) == n0:
+                found += [(f, ci, ei) for f in sorted(d.rglob("*"))
+                          if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
+            if len(found) == n0:
                 raise DatasetError(f"data.path: environment folder {str(e)!r} has no images "
                                  f"({', '.join(IMAGE_EXTENSIONS)}) in class folders")
-        self.root, self.image_size, self.files = root_p, image_size, files
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self.env_labels = np.asarray(envs, dtype=np.int64)
+        try:
+            good = [item for item, _ in check_all(found, lambda it: check_image(it[0], verify=verify),
+                                                  skip_bad=skip_bad, what="images")]
+        except DataError as e:
+            raise DatasetError(str(e)) from e
+        for ei, e in enumerate(env_dirs):
+            if not any(env == ei for _, _, env in good):
+                raise DatasetError(f"data.path: environment folder {str(e)!r} has no readable images")
+        self.root, self.image_size = root_p, image_size
+        self.files = [f for f, _, _ in good]
+        self.labels = np.asarray([c for _, c, _ in good], dtype=np.int64)
+        self.env_labels = np.asarray([e for _, _, e in good], dtype=np.int64)
+        self._guard = BadFileGuard(skip_bad)
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        from PIL import Image
+    def _load(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         from torchvision.transforms import functional as TF
 
-        path = self.files[int(index)]
-        with Image.open(path) as im:
-            im = TF.resize(im.convert("RGB"), self.image_size, interpolation=TF.InterpolationMode.BILINEAR,
-                           antialias=True)
-            target = TF.to_tensor(TF.center_crop(im, [self.image_size, self.image_size]))
-        return (normalize(target), target, torch.tensor(self.labels[int(index)]),
-                torch.tensor(self.env_labels[int(index)]))
+        im = TF.resize(read_image(self.files[index], mode="RGB"), self.image_size,
+                       interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        target = TF.to_tensor(TF.center_crop(im, [self.image_size, self.image_size]))
+        return (normalize(target), target, torch.tensor(self.labels[index]),
+                torch.tensor(self.env_labels[index]))
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self._guard.get(index, len(self.files), self._load)
 
 
 # ---------------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 _RGB_FROM_HED = ((0.65, 0.70, 0.29), (0.07, 0.99, 0.11), (0.27, 0.57, 0.78))
 
 
+from dualdiff.data.checks import BadFileGuard, bad_file, check_all, check_image, read_image  # noqa: E402
 from dualdiff.errors import DataError  # noqa: E402  (re-exported here for older imports)
 
 
@@ -187,12 +188,17 @@ def _files(folder: Path) -> dict[str, Path]:
 
 class HistologyFolder(torch.utils.data.Dataset):
     """``root/images`` + ``root/masks`` (+ ``root/unlabelled``), every image resized to
-    ``size``² (bilinear; masks nearest). Checks on construction: the folders exist, every image
-    has a mask of the same size, mask values are in ``[0, num_classes)``."""
+    ``size``² (bilinear; masks nearest). Checks on construction, each bad file named in a
+    :class:`DataError`: the folders exist; every image passes
+    :func:`dualdiff.data.checks.check_image` (header + ``Image.verify()``; a full decode with
+    ``verify=True``) and has a mask; every mask is decoded (its class counts are needed anyway)
+    and must be a single-channel image of its image's size with values in ``[0, num_classes)``.
+    With ``skip_bad=True`` a bad image / mask pair (or unlabelled image) is dropped with a
+    warning instead; a file that fails to decode later is skipped the same way (the next good
+    tile is served) or raises :class:`DataError` naming it."""
 
-    def __init__(self, root: str | Path, size: int = 512, num_classes: int = 5) -> None:
-        from PIL import Image
-
+    def __init__(self, root: str | Path, size: int = 512, num_classes: int = 5, *,
+                 verify: bool = False, skip_bad: bool = False) -> None:
         self.root, self.size, self.num_classes = Path(root), int(size), int(num_classes)
         img_dir, mask_dir = self.root / "images", self.root / "masks"
         for d in (img_dir, mask_dir):
@@ -201,44 +207,54 @@ class HistologyFolder(torch.utils.data.Dataset):
         images, masks = _files(img_dir), _files(mask_dir)
         if not images:
             raise DataError(f"data.path: no images in {str(img_dir)!r}")
-        self.entries: list[tuple[Path, Path | None]] = []
-        counts = np.zeros(self.num_classes, np.int64)
-        for stem, p in images.items():
-            if stem not in masks:
-                raise DataError(f"missing mask file for image {p.name!r}: expected masks/{stem}.png")
-            with Image.open(p) as im, Image.open(masks[stem]) as mk:
-                if im.size != mk.size:
-                    raise DataError(f"image {p.name!r} is {im.size[0]}x{im.size[1]} but its mask "
-                                    f"{masks[stem].name!r} is {mk.size[0]}x{mk.size[1]}")
-                m = np.asarray(mk)
-            if m.ndim != 2:
-                raise DataError(f"mask {masks[stem].name!r} must be a single-channel integer image, "
-                                f"got shape {m.shape}")
-            if m.min() < 0 or m.max() >= self.num_classes:
-                raise DataError(f"mask {masks[stem].name!r} has values {int(m.min())}..{int(m.max())}; "
-                                f"they must be in [0, {self.num_classes - 1}] (num_classes={self.num_classes})")
-            counts += np.bincount(m.ravel().astype(np.int64), minlength=self.num_classes)
-            self.entries.append((p, masks[stem]))
+        pairs = [(p, masks.get(stem)) for stem, p in images.items()]
+        checked = check_all(pairs, lambda pm: self._check_pair(pm[0], pm[1], verify),
+                            skip_bad=skip_bad, what="image / mask pairs")
+        self.entries: list[tuple[Path, Path | None]] = [pm for pm, _ in checked]
+        self.pixel_counts = sum((c for _, c in checked), np.zeros(self.num_classes, np.int64))
+        if not self.entries:
+            raise DataError(f"data.path: no usable image / mask pair in {str(self.root)!r}")
         unl = self.root / "unlabelled"
         if unl.is_dir():
-            self.entries += [(p, None) for p in _files(unl).values()]
-        self.pixel_counts = counts
+            self.entries += [(p, None) for p, _ in check_all(
+                list(_files(unl).values()), lambda p: check_image(p, verify=verify),
+                skip_bad=skip_bad, what="unlabelled images")]
+        self._guard = BadFileGuard(skip_bad)
+
+    def _check_pair(self, img: Path, mask: Path | None, verify: bool) -> np.ndarray:
+        """Per-class pixel counts of ``mask`` after checking the pair; raises DataError."""
+        if mask is None:
+            raise DataError(f"missing mask file for image {str(img)!r}: expected "
+                            f"{str(self.root / 'masks' / img.stem)!r} + an image extension")
+        info = check_image(img, verify=verify)
+        m = np.asarray(read_image(mask, what="mask"))
+        if m.ndim != 2:
+            raise bad_file(mask, "mask", f"must be a single-channel integer image, got shape {m.shape}")
+        if m.shape != (info.height, info.width):
+            raise bad_file(mask, "mask", f"is {m.shape[1]}x{m.shape[0]} but its image {str(img)!r} is "
+                                         f"{info.width}x{info.height}")
+        if m.min() < 0 or m.max() >= self.num_classes:
+            raise bad_file(mask, "mask", f"has values {int(m.min())}..{int(m.max())}; they must be in "
+                                         f"[0, {self.num_classes - 1}] (num_classes={self.num_classes})")
+        return np.bincount(m.ravel().astype(np.int64), minlength=self.num_classes)
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def _load(self, i: int) -> dict[str, Any]:
         from PIL import Image
 
         img_path, mask_path = self.entries[i]
-        with Image.open(img_path) as im:
-            im = im.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
-            image = torch.from_numpy(np.asarray(im, np.float32) / 255.0).permute(2, 0, 1).contiguous()
+        im = read_image(img_path, mode="RGB").resize((self.size, self.size), Image.BILINEAR)
+        image = torch.from_numpy(np.asarray(im, np.float32) / 255.0).permute(2, 0, 1).contiguous()
         if mask_path is None:
             return _item(image, None, self.num_classes)
-        with Image.open(mask_path) as mk:
-            mask = torch.from_numpy(np.asarray(mk.resize((self.size, self.size), Image.NEAREST)).astype(np.int64))
+        mk = read_image(mask_path, what="mask").resize((self.size, self.size), Image.NEAREST)
+        mask = torch.from_numpy(np.asarray(mk).astype(np.int64))
         return _item(image, mask, self.num_classes)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self._guard.get(i, len(self.entries), self._load)
 
 
 def split_indices(n: int, val_fraction: float = 0.1, seed: int = 0) -> tuple[list[int], list[int]]:

@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dualdiff.data.checks import BadFileGuard, check_all, check_image, read_image
+from dualdiff.errors import DataError
 from dualdiff.utils.seed import derive_seed
 
 __all__ = ["ProceduralDualScaleImages", "ImageFolderDataset", "HFImageDataset", "hf_afhq",
@@ -41,8 +43,9 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 AFHQ_DATASET = "huggan/AFHQv2"
 
 
-class DatasetUnavailableError(RuntimeError):
-    """A dataset cannot be loaded (library missing, offline, empty folder); says what to do."""
+class DatasetUnavailableError(DataError, RuntimeError):
+    """A dataset cannot be loaded (library missing, offline, empty folder, bad file); says what to
+    do. A :class:`~dualdiff.errors.DataError`: the CLI prints it as one line."""
 
 
 def dual_scale_views(x64: torch.Tensor, mode: str = "area") -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,32 +173,47 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     """Every image file under ``path`` (recursive, sorted, by extension in ``extensions``) as
     float32 ``[3, size, size]`` in [-1, 1]: converted to RGB, resized so the shorter side is
     ``size`` (bilinear, antialiased), centre-cropped. Raises :class:`DatasetUnavailableError`
-    when the folder is missing or holds no images."""
+    when the folder is missing or holds no images.
+
+    On construction every file is checked (:func:`dualdiff.data.checks.check_image`: header and
+    ``Image.verify()``; a full decode with ``verify=True``): a bad file raises
+    :class:`DatasetUnavailableError` naming it, or with ``skip_bad=True`` is dropped with a
+    warning. A file that fails to decode later raises the same way (or is skipped: the next good
+    image is served)."""
 
     def __init__(self, path: str | os.PathLike, size: int = 64,
-                 extensions: Sequence[str] = IMAGE_EXTENSIONS) -> None:
+                 extensions: Sequence[str] = IMAGE_EXTENSIONS, *, verify: bool = False,
+                 skip_bad: bool = False) -> None:
         root = Path(path).expanduser()
         if not root.is_dir():
             raise DatasetUnavailableError(f"image folder {str(root)!r} does not exist or is not a directory")
         if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
             raise ValueError(f"size must be a positive int, got {size!r}")
         exts = tuple(e.lower() for e in extensions)
-        self.files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts)
-        if not self.files:
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts)
+        if not files:
             raise DatasetUnavailableError(f"no images ({', '.join(exts)}) found under {str(root)!r}")
+        try:
+            self.files = [f for f, _ in check_all(files, lambda f: check_image(f, verify=verify),
+                                                  skip_bad=skip_bad, what="images")]
+        except DataError as e:
+            raise DatasetUnavailableError(str(e)) from e
+        if not self.files:
+            raise DatasetUnavailableError(f"no readable images under {str(root)!r}: every one is bad")
         self.root, self.size = root, size
+        self._guard = BadFileGuard(skip_bad)
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        from PIL import Image
-        path = self.files[index]
+    def _load(self, index: int) -> torch.Tensor:
         try:
-            with Image.open(path) as im:
-                return _to_tensor_resized(im, self.size)
-        except OSError as e:
-            raise DatasetUnavailableError(f"cannot read image {str(path)!r}: {e}") from e
+            return _to_tensor_resized(read_image(self.files[index]), self.size)
+        except DataError as e:
+            raise DatasetUnavailableError(str(e)) from e
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self._guard.get(index, len(self.files), self._load)
 
 
 class HFImageDataset(torch.utils.data.Dataset):

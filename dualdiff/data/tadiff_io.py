@@ -21,16 +21,19 @@ has tumour (the public sampling), as dicts ``image [4, 3, S, S]`` in [0, 1], ``l
 from __future__ import annotations
 
 import csv
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from dualdiff.data.checks import _nibabel, check_all, check_nifti, check_npy, load_nifti, load_npy
 from dualdiff.data.tadiff import Patient
 from dualdiff.errors import DataError
 
-__all__ = ["TaDiffDataError", "load_npy_patient", "load_nifti_patient", "list_npy_patients", "list_nifti_patients",
+__all__ = ["TaDiffDataError", "check_npy_patient", "check_nifti_patient", "load_patients",
+           "load_npy_patient", "load_nifti_patient", "list_npy_patients", "list_nifti_patients",
            "crop_foreground", "center_crop_pad", "nonzero_normalize", "TaDiffSlices", "NIFTI_FILES"]
 
 NIFTI_FILES = {"T1": "T1.nii.gz", "T1c": "T1c.nii.gz", "FLAIR": "Flair.nii.gz"}
@@ -56,24 +59,38 @@ def list_npy_patients(root: str | os.PathLike) -> list[str]:
     return sorted(p.name[: -len("_image.npy")] for p in r.glob("*_image.npy"))
 
 
-def load_npy_patient(root: str | os.PathLike, pid: str) -> Patient:
-    """One patient in the ``.npy`` layout (module docstring); checks that the four files agree."""
+def check_npy_patient(root: str | os.PathLike, pid: str, *, verify: bool = False) -> None:
+    """Build-time check of one ``.npy`` patient from the four headers alone (no array is read;
+    a full read too with ``verify``): each file is a readable, untruncated, numeric ``.npy``, and
+    their shapes agree. Raises :class:`TaDiffDataError` naming the file."""
     r = Path(root)
-    arr = {k: np.load(_need(r / f"{pid}_{k}.npy", f"{k} file of patient {pid}")) for k in _NPY_PARTS}
-    label, days, treat = arr["label"], arr["days"].reshape(-1), arr["treatment"].reshape(-1)
-    if label.ndim != 4:
-        raise TaDiffDataError(f"{pid}_label.npy must be (T, H, W, D), got shape {label.shape}")
+    info = {k: check_npy(_need(r / f"{pid}_{k}.npy", f"{k} file of patient {pid}"), what=f"{k} file",
+                         kinds="fiub", verify=verify) for k in _NPY_PARTS}
+    label, image = info["label"], info["image"]
+    if len(label.shape) != 4:
+        raise TaDiffDataError(f"{str(label.path)!r} must be (T, H, W, D), got shape {label.shape}")
     T = label.shape[0]
-    image = arr["image"]
-    if image.ndim != 4 or image.shape[0] % T or image.shape[1:] != label.shape[1:]:
-        raise TaDiffDataError(f"{pid}_image.npy must be (M*T, H, W, D) with T={T} sessions and the "
-                         f"label's spatial shape {label.shape[1:]}, got {image.shape}")
+    if T < 1 or len(image.shape) != 4 or image.shape[0] % T or image.shape[1:] != label.shape[1:]:
+        raise TaDiffDataError(f"{str(image.path)!r} must be (M*T, H, W, D) with T={T} sessions and the "
+                              f"label's spatial shape {label.shape[1:]}, got {image.shape}")
+    if image.shape[0] // T < 3:
+        raise TaDiffDataError(f"{str(image.path)!r} has {image.shape[0] // T} modalities per session; "
+                              "T1, T1c and FLAIR (3) are needed")
+    for k in ("days", "treatment"):
+        n = math.prod(info[k].shape)
+        if n != T:
+            raise TaDiffDataError(f"{str(info[k].path)!r} has {n} entries; it needs one per session ({T})")
+
+
+def load_npy_patient(root: str | os.PathLike, pid: str, *, verify: bool = False) -> Patient:
+    """One patient in the ``.npy`` layout (module docstring): :func:`check_npy_patient`, then the
+    arrays (a :class:`TaDiffDataError` naming the file when one cannot be read)."""
+    check_npy_patient(root, pid, verify=verify)
+    r = Path(root)
+    arr = {k: load_npy(r / f"{pid}_{k}.npy", what=f"{k} file") for k in _NPY_PARTS}
+    label, days, treat, image = arr["label"], arr["days"].reshape(-1), arr["treatment"].reshape(-1), arr["image"]
+    T = label.shape[0]
     M = image.shape[0] // T
-    if M < 3:
-        raise TaDiffDataError(f"{pid}_image.npy has {M} modalities per session; T1, T1c and FLAIR (3) are needed")
-    if days.shape[0] != T or treat.shape[0] != T:
-        raise TaDiffDataError(f"{pid}: days ({days.shape[0]}) and treatment ({treat.shape[0]}) must have "
-                         f"one entry per session ({T})")
     image = image.reshape(M, T, *image.shape[1:])[:3].transpose(1, 0, 2, 3, 4).astype(np.float32)
     return Patient(pid, image, label.astype(np.int8), days.astype(np.int64), treat.astype(np.int64))
 
@@ -92,17 +109,6 @@ def nonzero_normalize(v: np.ndarray, clip_percent: float = 0.2) -> np.ndarray:
     return ((v - v.min()) / (span if span > 0 else 1.0)).astype(np.float32)
 
 
-def _nibabel():
-    try:
-        import nibabel
-    except ImportError as e:
-        from dualdiff.errors import UserError
-
-        raise UserError("reading NIfTI needs nibabel: pip install 'dualdiff[nifti]' "
-                        "(or pip install nibabel)") from e
-    return nibabel
-
-
 def list_nifti_patients(root: str | os.PathLike) -> list[str]:
     """Patient folders of ``root`` that hold a ``sessions.csv`` (sorted)."""
     r = Path(root)
@@ -111,32 +117,84 @@ def list_nifti_patients(root: str | os.PathLike) -> list[str]:
     return sorted(p.name for p in r.iterdir() if (p / "sessions.csv").is_file())
 
 
-def load_nifti_patient(root: str | os.PathLike, pid: str) -> Patient:
-    """One patient from NIfTI sessions (module docstring)."""
-    nib = _nibabel()
-    pdir = Path(root) / pid
-    table = _need(pdir / "sessions.csv", f"session table of patient {pid}")
+def _session_rows(root: str | os.PathLike, pid: str) -> list[dict[str, str]]:
+    table = _need(Path(root) / pid / "sessions.csv", f"session table of patient {pid}")
     with open(table, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows or not {"session", "day", "treatment"} <= set(rows[0]):
         raise TaDiffDataError(f"{str(table)!r} must have a header session,day,treatment and one row per exam")
+    for row in rows:
+        for k in ("day", "treatment"):
+            try:
+                float(row[k])
+            except (TypeError, ValueError):
+                raise TaDiffDataError(f"{str(table)!r}: session {row['session']!r} has {k} {row[k]!r}, "
+                                      "not a number") from None
+    return rows
+
+
+def _session_files(pdir: Path, pid: str, session: str) -> list[tuple[Path, str]]:
+    sdir = pdir / session
+    return ([(_need(sdir / fn, f"{m} image of {pid}/{session}"), f"{m} volume") for m, fn in NIFTI_FILES.items()]
+            + [(_need(sdir / fn, f"mask of {pid}/{session}"), "mask volume") for fn in NIFTI_MASKS])
+
+
+def check_nifti_patient(root: str | os.PathLike, pid: str, *, verify: bool = False) -> None:
+    """Build-time check of one NIfTI patient from its session table and the volumes' headers
+    (:func:`dualdiff.data.checks.check_nifti`; a full read too with ``verify``): every volume
+    readable, untruncated, 3-D, one shape for all. Raises :class:`TaDiffDataError` naming the file."""
+    _nibabel()  # a clear error first when nibabel is missing
+    pdir = Path(root) / pid
+    first: tuple[Path, tuple[int, ...]] | None = None
+    for row in _session_rows(root, pid):
+        for path, what in _session_files(pdir, pid, row["session"]):
+            info = check_nifti(path, what=what, ndim=3, verify=verify)
+            if first is None:
+                first = (path, info.shape)
+            elif info.shape != first[1]:
+                raise TaDiffDataError(f"{str(path)!r} has shape {info.shape} but {str(first[0])!r} has "
+                                      f"{first[1]}; the volumes of a patient must be registered to one grid")
+
+
+def load_nifti_patient(root: str | os.PathLike, pid: str, *, verify: bool = False) -> Patient:
+    """One patient from NIfTI sessions (module docstring): :func:`check_nifti_patient`, then the
+    volumes (a :class:`TaDiffDataError` naming the file when one cannot be read)."""
+    check_nifti_patient(root, pid, verify=verify)
+    pdir = Path(root) / pid
+    rows = _session_rows(root, pid)
     images, labels = [], []
     for row in rows:
-        sdir = pdir / row["session"]
-        vols = [nonzero_normalize(np.asanyarray(nib.load(_need(sdir / fn, f"{m} image of {pid}/{row['session']}")).dataobj))
-                for m, fn in NIFTI_FILES.items()]
-        masks = [np.asanyarray(nib.load(_need(sdir / fn, f"mask of {pid}/{row['session']}")).dataobj) > 0
-                 for fn in NIFTI_MASKS]
-        shapes = {v.shape for v in vols} | {m.shape for m in masks}
-        if len(shapes) != 1 or len(next(iter(shapes))) != 3:
-            raise TaDiffDataError(f"{pid}/{row['session']}: volumes must be 3-D and of one shape, got {sorted(shapes)}")
-        images.append(np.stack(vols))
-        labels.append(np.logical_or.reduce(masks).astype(np.int8))
-    if len({im.shape for im in images}) != 1:
-        raise TaDiffDataError(f"{pid}: sessions have different volume shapes; register them first")
+        files = _session_files(pdir, pid, row["session"])
+        vols = [load_nifti(p, what=w) for p, w in files]
+        images.append(np.stack([nonzero_normalize(v) for v in vols[:len(NIFTI_FILES)]]))
+        labels.append(np.logical_or.reduce([v > 0 for v in vols[len(NIFTI_FILES):]]).astype(np.int8))
     days = np.array([int(float(r["day"])) for r in rows], np.int64)
     treat = np.array([int(float(r["treatment"])) for r in rows], np.int64)
     return Patient(pid, np.stack(images), np.stack(labels), days, treat)
+
+
+def load_patients(root: str | os.PathLike, ids: list[str], source: str = "npy", *, verify: bool = False,
+                  skip_bad: bool = False) -> list[Patient]:
+    """Patients ``ids`` of ``root`` in the ``npy`` or ``nifti`` layout. Every patient's files are
+    checked first from their headers (:func:`check_npy_patient` / :func:`check_nifti_patient`,
+    cheap), so a bad file is named before any volume is read; then the patients are read. A bad
+    patient raises :class:`TaDiffDataError` naming the file, or with ``skip_bad`` is dropped with
+    a :class:`~dualdiff.data.checks.BadDataWarning`. ``verify``: a full read of every file during
+    the check, and the image volumes must be finite."""
+    if source not in ("npy", "nifti"):
+        raise ValueError(f"source must be 'npy' or 'nifti', got {source!r}")
+    check = check_npy_patient if source == "npy" else check_nifti_patient
+    load = load_npy_patient if source == "npy" else load_nifti_patient
+    ok = [pid for pid, _ in check_all(ids, lambda pid: check(root, pid, verify=verify),
+                                      skip_bad=skip_bad, what="patients")]
+
+    def read(pid: str) -> Patient:
+        p = load(root, pid)
+        if verify and not np.isfinite(p.image).all():
+            raise TaDiffDataError(f"patient {pid} in {str(root)!r}: its image volumes hold NaN or inf")
+        return p
+
+    return [p for _, p in check_all(ok, read, skip_bad=skip_bad, what="patients")]
 
 
 def crop_foreground(p: Patient) -> Patient:
