@@ -1,6 +1,6 @@
 """``dualdiff toy2d``: train / evaluate / plot the toy2d grid (variants x datasets) at once.
 
-    dualdiff toy2d run [--out-dir runs/toy2d] [--config FILE.yaml] [--resume [auto|PATH]]
+    dualdiff toy2d run [--out-dir runs/toy2d] [--config FILE.yaml] [--resume [auto|latest|PATH]]
         [--device DEV] [--show-config] [key=value ...]
         e.g. dualdiff toy2d run datasets=circle,dino variants=baseline,adaptive train.steps=10000
              dualdiff toy2d run preset=tiny --out-dir runs/toy2d-tiny
@@ -26,7 +26,7 @@ def _run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
-    res = run_grid(cfg, args.out_dir, resume=args.resume)
+    res = run_grid(cfg)  # --out-dir / --resume folded into train.out_dir / train.resume
     t = res["timing"]
     if t["resumed_from_step"]:
         print(f"resumed at step {t['resumed_from_step']}: the time below covers the rest")
@@ -67,8 +67,7 @@ def register_toy2d_commands(subparsers) -> argparse.ArgumentParser:
                     "sampling time, and write final_info.json per run, all_results.{json,npz} "
                     "and train_loss.png / generated_images.png / weight_evolution.png. "
                     "Example: dualdiff toy2d run datasets=circle,dino train.steps=10000")
-    add_run_options(run, Toy2DConfig, presets=TOY2D_PRESETS, out_dir="optional",
-                    default_out_dir=DEFAULT_OUT_DIR)
+    add_run_options(run, Toy2DConfig, presets=TOY2D_PRESETS, default_preset="default", out_dir="run")
     run.set_defaults(func=_run)
     plot = sub.add_parser("plot", help="redraw the plots from a finished grid's results")
     plot.add_argument("--out-dir", default=DEFAULT_OUT_DIR, metavar="DIR",

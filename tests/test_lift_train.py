@@ -55,7 +55,7 @@ def test_defaults_match_the_issue():
     assert tiny.model.channels == TINY_CHANNELS and tiny.train.min_lr < tiny.train.lr
     tiny.train.lr = 1.0  # from_name returns a fresh copy each time
     assert LIFTConfig.from_name("tiny").train.lr != 1.0
-    with pytest.raises(ConfigError, match="unknown LIFT preset 'huge'.*tiny"):
+    with pytest.raises(ConfigError, match="unknown preset 'huge' for LIFTConfig.*tiny"):
         LIFTConfig.from_name("huge")
     tiny = LIFTConfig.from_name("tiny")
     # YAML round trip and key=value overrides

@@ -349,8 +349,8 @@ def test_config_defaults_are_the_templates_and_validate_checks_without_changing(
     assert d.datasets == ["circle", "dino", "line", "moons"] and d.variants == list(VARIANTS)
     assert Toy2DConfig.from_name("default") == d
     tiny = Toy2DConfig.from_name("tiny")
-    assert tiny == TOY2D_PRESETS["tiny"] and tiny is not TOY2D_PRESETS["tiny"]
-    with pytest.raises(ValueError, match="unknown toy2d preset"):
+    assert tiny == TOY2D_PRESETS["tiny"]() and tiny is not Toy2DConfig.from_name("tiny")
+    with pytest.raises(ConfigError, match="unknown preset 'huge' for Toy2DConfig"):
         Toy2DConfig.from_name("huge")
     before = dataclasses.asdict(tiny)
     tiny.validate()
@@ -369,8 +369,6 @@ def test_config_defaults_are_the_templates_and_validate_checks_without_changing(
     ({"kl_k": 300}, "kl_k"),
     ({"model.hidden_dim": 0}, "model.hidden_dim"),
     ({"data.datasaurus_path": "x.tsv"}, "data.dino_source"),
-    ({"train.resume": "auto"}, "--resume"),
-    ({"train.out_dir": "elsewhere"}, "--out-dir"),
     ({"train.lr": -1.0}, "lr"),  # TrainConfig checks its own keys
 ])
 def test_config_errors_name_the_key(overrides, match):

@@ -59,7 +59,9 @@ class LIFTDataConfig:
     ``seed``), ``folder`` (every image under ``path``), ``afhq`` (Hugging Face ``huggan/AFHQv2``,
     ``split``, ``cache_dir``). ``downsample``: how the 32x32 view is made (area | bilinear).
     ``texture_scale``: amplitude factor of the procedural images' fine textures (1: as designed;
-    other sources ignore it)."""
+    other sources ignore it). ``verify`` / ``skip_bad`` (folder source): the image files are checked
+    when the dataset is built (``verify``: fully decoded); a bad one is an error naming it, or with
+    ``skip_bad`` is skipped with a warning (:mod:`dualdiff.data.checks`)."""
     source: Literal["procedural", "folder", "afhq"] = "procedural"
     path: str | None = None
     num_images: int = 10000
@@ -69,6 +71,8 @@ class LIFTDataConfig:
     image_size: int = 64
     downsample: Literal["area", "bilinear"] = "area"
     texture_scale: float = 1.0
+    verify: bool = False
+    skip_bad: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -130,7 +134,7 @@ class LIFTConfig:
     @classmethod
     def from_name(cls, name: str) -> "LIFTConfig":
         """A fresh copy of the preset ``name`` of :data:`LIFT_PRESETS` (``tiny`` | ``default``)."""
-        return from_name(LIFT_PRESETS, name, "LIFT")
+        return from_name(LIFT_PRESETS, name, cls.__name__)
 
 
 def _tiny() -> LIFTConfig:
@@ -184,7 +188,7 @@ def build_lift_dataset(data: LIFTDataConfig) -> torch.utils.data.Dataset:
         return ProceduralDualScaleImages(data.num_images, seed=data.seed, size=data.image_size,
                                          texture_scale=data.texture_scale)
     if data.source == "folder":
-        return ImageFolderDataset(data.path, size=data.image_size)
+        return ImageFolderDataset(data.path, size=data.image_size, verify=data.verify, skip_bad=data.skip_bad)
     if data.source == "afhq":
         return hf_afhq(data.split, data.cache_dir, size=data.image_size)
     raise ValueError(f"unknown data.source {data.source!r}")  # pragma: no cover - Literal-checked

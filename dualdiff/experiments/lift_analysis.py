@@ -135,7 +135,7 @@ class LIFTAnalysisConfig:
     @classmethod
     def from_name(cls, name: str) -> "LIFTAnalysisConfig":
         """A fresh copy of the preset ``name`` of :data:`LIFT_ANALYSIS_PRESETS` (``tiny`` | ``default``)."""
-        return _from_presets(LIFT_ANALYSIS_PRESETS, name, "LIFT analysis")
+        return _from_presets(LIFT_ANALYSIS_PRESETS, name, cls.__name__)
 
 
 def _from_presets(presets: dict, name: str, what: str):
@@ -185,7 +185,7 @@ class LIFTDemoConfig:
     @classmethod
     def from_name(cls, name: str) -> "LIFTDemoConfig":
         """A fresh copy of the preset ``name`` of :data:`LIFT_DEMO_PRESETS` (``tiny`` | ``default``)."""
-        return _from_presets(LIFT_DEMO_PRESETS, name, "LIFT demo")
+        return _from_presets(LIFT_DEMO_PRESETS, name, cls.__name__)
 
 
 def _demo_default() -> LIFTDemoConfig:

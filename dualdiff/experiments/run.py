@@ -49,14 +49,13 @@ CONFLICT = "{flag} {flag_value!r} and {key}={key_value!r} conflict: give one of 
 RESUME_MODES = ("auto", "latest")
 
 
-def from_name(presets: Presets, name: str, what: str = "") -> Any:
-    """A fresh config from the preset ``name`` of ``presets``; :class:`ConfigError` when unknown.
-
-    ``what`` names the experiment in the message (``unknown lift preset 'huge'; choose one of:
-    default, tiny``)."""
+def from_name(presets: Presets, name: str, config_name: str) -> Any:
+    """A fresh config from the preset ``name`` of ``presets``; :class:`ConfigError` when unknown:
+    ``unknown preset 'huge' for LIFTConfig; choose one of: default, tiny`` (``config_name``: the
+    config class's name, so the message is the same from the CLI and from Python)."""
     if name not in presets:
-        label = f"{what} preset" if what else "preset"
-        raise ConfigError(f"unknown {label} {name!r}; choose one of: {', '.join(sorted(presets)) or '(none)'}")
+        raise ConfigError(f"unknown preset {name!r} for {config_name}; choose one of: "
+                          f"{', '.join(sorted(presets)) or '(none)'}")
     make = presets[name]
     if not callable(make):
         raise TypeError(f"preset {name!r} must be a zero-argument callable, got {type(make).__name__}")

@@ -81,14 +81,13 @@ Outputs under ``out_dir``::
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -100,6 +99,9 @@ from torch import nn
 from dualdiff.data.toy2d import DATASETS, get_dataset
 from dualdiff.diffusion import NoiseSchedule, ddpm_sample, make_schedule, q_sample
 from dualdiff.diffusion.samplers import randn_chunks
+from dualdiff.errors import ConfigError
+from dualdiff.experiments.run import apply_run_flags, check_resume, from_name, normalize_resume
+from dualdiff.metrics.kl import kldiv_noted
 from dualdiff.models.stacked import StackedModels
 from dualdiff.models.toy2d import VARIANTS, build_toy_model
 from dualdiff.train import TrainConfig, Trainer
@@ -138,10 +140,6 @@ __all__ = [
 
 log = logging.getLogger("dualdiff.toy2d")
 
-# train.out_dir's value in a toy2d config: the Trainer writes under <out_dir>/train, where
-# out_dir is run_grid's argument (the CLI's --out-dir), so the key itself is not used
-TRAIN_OUT_DIR = "<out-dir>/train"
-_TRAINCONFIG_OUT_DIR = TrainConfig.__dataclass_fields__["out_dir"].default  # also accepted
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,20 +149,20 @@ def _check_int(obj: Any, names: Sequence[str], low: int, prefix: str = "") -> No
     for name in names:
         v = getattr(obj, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            raise ValueError(f"{prefix}{name} must be an int >= {low}, got {v!r}")
+            raise ConfigError(f"{prefix}{name} must be an int >= {low}, got {v!r}")
 
 
 def _check_names(names: Any, allowed: Sequence[str], what: str) -> None:
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
-        raise ValueError(f"{what} must be a list of names from {', '.join(allowed)}, got "
+        raise ConfigError(f"{what} must be a list of names from {', '.join(allowed)}, got "
                          f"{names!r}")
     if not names:
-        raise ValueError(f"{what}: empty; choose from {', '.join(allowed)}")
+        raise ConfigError(f"{what}: empty; choose from {', '.join(allowed)}")
     for n in names:
         if n not in allowed:
-            raise ValueError(f"{what}: unknown name {n!r}; choose from {', '.join(allowed)}")
+            raise ConfigError(f"{what}: unknown name {n!r}; choose from {', '.join(allowed)}")
     if len(set(names)) != len(names):
-        raise ValueError(f"{what}: duplicated names in {list(names)}")
+        raise ConfigError(f"{what}: duplicated names in {list(names)}")
 
 
 @dataclass
@@ -183,7 +181,7 @@ class Toy2DModelConfig:
         _check_int(self, ("embedding_dim", "hidden_dim"), 1, "model.")
         _check_int(self, ("hidden_layers",), 0, "model.")
         if self.upscale not in ("linear", "factor"):
-            raise ValueError(f"model.upscale must be 'linear' or 'factor', got {self.upscale!r}")
+            raise ConfigError(f"model.upscale must be 'linear' or 'factor', got {self.upscale!r}")
 
     def kwargs(self, variant: str) -> dict[str, Any]:
         """:func:`dualdiff.models.toy2d.build_toy_model` keyword arguments for ``variant``."""
@@ -212,10 +210,10 @@ class Toy2DDataConfig:
     def validate(self) -> None:
         _check_int(self, ("n_train", "chunk_steps"), 1, "data.")
         if self.dino_source not in ("embedded", "table"):
-            raise ValueError(f"data.dino_source must be 'embedded' or 'table', got "
+            raise ConfigError(f"data.dino_source must be 'embedded' or 'table', got "
                              f"{self.dino_source!r}")
         if self.datasaurus_path is not None and self.dino_source != "table":
-            raise ValueError("data.datasaurus_path is set but data.dino_source is 'embedded': "
+            raise ConfigError("data.datasaurus_path is set but data.dino_source is 'embedded': "
                              "set data.dino_source=table to read that table (or drop the path)")
 
 
@@ -223,16 +221,16 @@ def _default_train() -> TrainConfig:
     # the template's settings (module docstring); a final checkpoint of the grid is kept
     return TrainConfig(steps=10_000, batch_size=256, lr=3e-4, optimizer="adamw",
                        weight_decay=0.01, scheduler="cosine", grad_clip=0.5, amp="off",
-                       ema_decay=0.995, ema_every=10, ema_warmup=100, out_dir=TRAIN_OUT_DIR,
+                       ema_decay=0.995, ema_every=10, ema_warmup=100, out_dir="runs/toy2d",
                        checkpoint_every=2000, keep_last=2, log_every=100, log_grad_norm=True)
 
 
 @dataclass
 class Toy2DConfig:
     """The toy2d grid (``variants`` x ``datasets``); defaults are the template's (module
-    docstring). ``train`` is the shared Trainer's config; ``train.resume`` and
-    ``train.out_dir`` are not used (resume with ``--resume`` / ``run_grid(resume=...)``, the
-    training files go to ``<out_dir>/train``), so setting them is an error.
+    docstring). ``train`` is the shared Trainer's config; ``train.out_dir`` is the grid's run
+    folder (the Trainer's own files go to ``<run folder>/train``) and ``train.resume`` resumes
+    the grid, as in every experiment (:mod:`dualdiff.experiments.run`).
 
     ``num_timesteps`` / ``beta_start`` / ``beta_end``: the linear noise schedule;
     ``clip_mode``: per-run gradient clipping implementation (exact | batched, see
@@ -261,40 +259,30 @@ class Toy2DConfig:
 
     def validate(self) -> None:
         """Check this config's own keys and the cross-section ones (each section checks its
-        own); raise ``ValueError`` naming the key. Never changes the config."""
+        own); raise :class:`~dualdiff.errors.ConfigError` naming the key. Never changes the config."""
         _check_names(self.datasets, DATASETS, "datasets")
         _check_names(self.variants, VARIANTS, "variants")
         _check_int(self, ("num_timesteps", "n_samples", "kl_k"), 1)
         _check_int(self, ("warmup_steps_timed",), 0)
         if not 0 < self.beta_start < self.beta_end < 1:
-            raise ValueError(f"need 0 < beta_start < beta_end < 1, got {self.beta_start}, "
+            raise ConfigError(f"need 0 < beta_start < beta_end < 1, got {self.beta_start}, "
                              f"{self.beta_end}")
         if self.clip_mode not in ("exact", "batched"):
-            raise ValueError(f"clip_mode must be 'exact' or 'batched', got {self.clip_mode!r}")
+            raise ConfigError(f"clip_mode must be 'exact' or 'batched', got {self.clip_mode!r}")
         if self.train.batch_size > self.data.n_train:
-            raise ValueError(f"train.batch_size ({self.train.batch_size}) must be <= "
+            raise ConfigError(f"train.batch_size ({self.train.batch_size}) must be <= "
                              f"data.n_train ({self.data.n_train})")
         if not self.kl_k < min(self.data.n_train, self.n_samples):
-            raise ValueError(f"kl_k ({self.kl_k}) must be < data.n_train ({self.data.n_train}) "
+            raise ConfigError(f"kl_k ({self.kl_k}) must be < data.n_train ({self.data.n_train}) "
                              f"and n_samples ({self.n_samples})")
         if self.train.grad_accum != 1:
-            raise ValueError(f"train.grad_accum must be 1 for toy2d (one batch per step), got "
+            raise ConfigError(f"train.grad_accum must be 1 for toy2d (one batch per step), got "
                              f"{self.train.grad_accum}")
-        if self.train.resume is not None:
-            raise ValueError("train.resume is not used by toy2d: resume with --resume "
-                             "(run_grid(resume=...))")
-        if self.train.out_dir not in (TRAIN_OUT_DIR, _TRAINCONFIG_OUT_DIR):
-            raise ValueError(f"train.out_dir is not used by toy2d (its training files go to "
-                             f"<out_dir>/train): choose the folder with --out-dir "
-                             f"(run_grid(out_dir=...)), got train.out_dir={self.train.out_dir!r}")
 
     @classmethod
     def from_name(cls, name: str) -> "Toy2DConfig":
         """A copy of preset ``name`` (:data:`TOY2D_PRESETS`: ``tiny`` | ``default``)."""
-        if name not in TOY2D_PRESETS:
-            raise ValueError(f"unknown toy2d preset {name!r}; choose one of "
-                             f"{', '.join(sorted(TOY2D_PRESETS))}")
-        return copy.deepcopy(TOY2D_PRESETS[name])
+        return from_name(TOY2D_PRESETS, name, cls.__name__)
 
     @classmethod
     def tiny(cls) -> "Toy2DConfig":
@@ -302,32 +290,39 @@ class Toy2DConfig:
         converged): 16 runs of a 1-layer 16/32-wide model, 200 steps of 64 on 1000 points,
         500 samples per run."""
         train = dataclasses.replace(_default_train(), steps=200, batch_size=64, lr=1e-3,
-                                    ema_warmup=20, ema_every=2, log_every=50, progress=False)
+                                    ema_warmup=20, ema_every=2, log_every=50, progress=False,
+                                    out_dir="runs/toy2d-tiny")
         return cls(model=Toy2DModelConfig(embedding_dim=16, hidden_dim=32, hidden_layers=1),
                    data=Toy2DDataConfig(n_train=1000, chunk_steps=50), train=train,
                    n_samples=500)
 
 
-TOY2D_PRESETS: dict[str, Toy2DConfig] = {"default": Toy2DConfig(), "tiny": Toy2DConfig.tiny()}
+#: name -> zero-argument function building a fresh config (``preset=NAME``)
+TOY2D_PRESETS: dict[str, Callable[[], Toy2DConfig]] = {"default": Toy2DConfig, "tiny": Toy2DConfig.tiny}
 
 
 # ---------------------------------------------------------------------------------------------
 # entry points: run_grid = train_grid -> evaluate_grid -> write_results -> plot_results
 # ---------------------------------------------------------------------------------------------
-def run_grid(config: Toy2DConfig | None = None, out_dir: str | os.PathLike = "runs/toy2d", *,
-             resume: bool | str | os.PathLike | None = False) -> dict:
+def run_grid(config: Toy2DConfig | None = None, out_dir: str | os.PathLike | None = None, *,
+             resume: bool | str | os.PathLike | None = None) -> dict:
     """Train, evaluate, save and plot the grid ``config.variants x config.datasets``.
 
-    ``resume``: False / None (fresh), True or ``"auto"`` (the newest checkpoint in
-    ``out_dir/train/checkpoints`` when there is one; when training had finished, go straight
-    to the evaluation) or a checkpoint path. Timings then cover only the steps trained by this
-    call; ``resumed_from_step`` says where it started.
+    ``out_dir``: the run folder (None: ``config.train.out_dir``). ``resume`` (None: the
+    ``train.resume`` key): ``"auto"`` / True (the newest usable checkpoint in
+    ``out_dir/train/checkpoints`` when there is one, else fresh; when training had finished,
+    go straight to the evaluation), ``"latest"`` (must exist), a checkpoint path, or False
+    (fresh) — :mod:`dualdiff.experiments.run`. Timings then cover only the steps trained by
+    this call; ``resumed_from_step`` says where it started.
     Returns ``{"runs": {"<variant>/<dataset>": final_info}, "timing": {...}, "out_dir": str}``.
     """
     config = Toy2DConfig() if config is None else config
     if not isinstance(config, Toy2DConfig):
         raise TypeError(f"config must be a Toy2DConfig, got {type(config).__name__}")
-    out = Path(out_dir)
+    config = apply_run_flags(config, out_dir, resume, presets=TOY2D_PRESETS)
+    out = Path(config.train.out_dir)
+    check_resume(config.train.resume, out / "train" / "checkpoints")
+    resume = config.train.resume
     out.mkdir(parents=True, exist_ok=True)
     runs = grid_runs(config)
     data = load_datasets(config)
@@ -357,12 +352,13 @@ class GridTraining:
 
 def train_grid(runs: Sequence[tuple[str, str]], data: dict[str, torch.Tensor],
                config: Toy2DConfig, out_dir: str | os.PathLike, *,
-               resume: bool | str | os.PathLike | None = False,
+               resume: bool | str | os.PathLike | None = None,
                until: int | None = None) -> GridTraining:
     """Train every run of ``runs`` (variant-major ``(variant, dataset)`` pairs) together.
 
     ``data``: ``{dataset: [n_train, 2] float32}`` (:func:`load_datasets`). The Trainer writes to
     ``out_dir`` (checkpoints in ``out_dir/checkpoints``). ``resume`` as in :func:`run_grid`
+    (None: ``config.train.resume``)
     (exact: batches are indexed by step, and the per-step losses are a buffer of the
     checkpointed model). ``until``: stop after that step (a simulated preemption).
     """
@@ -460,7 +456,7 @@ def evaluate_grid(training: GridTraining, data: dict[str, torch.Tensor],
                                "inference_time_per_run": group_time / m}
         for j, d in enumerate(names):
             r = o + j
-            kl, kl_note = _kl(data[d].numpy(), samples_np[j], config.kl_k)
+            kl, kl_note = kldiv_noted(data[d].numpy(), samples_np[j], k=config.kl_k)
             info = {"training_time": training.seconds / R, "eval_loss": float(eval_losses[j]),
                     "inference_time": group_time / m, "kl_divergence": kl,
                     "variant": v, "dataset": d, "steps": steps,
@@ -727,18 +723,11 @@ class ToyGridModel(nn.Module):
 # training helpers
 # ---------------------------------------------------------------------------------------------
 def trainer_config(config: Toy2DConfig, out_dir: str | os.PathLike, device: torch.device,
-                   resume: bool | str | os.PathLike | None = False) -> TrainConfig:
+                   resume: bool | str | os.PathLike | None = None) -> TrainConfig:
     """``config.train`` as the Trainer gets it: writing to ``out_dir``, on ``device``, resuming
-    per ``resume`` (:func:`run_grid`), and on CUDA with fused AdamW unless
-    ``train.optimizer_kwargs`` has a ``fused`` key."""
-    if resume is None or resume is False:
-        resume_key = None
-    elif resume is True or resume == "auto":
-        resume_key = "auto"
-    elif isinstance(resume, (str, os.PathLike)):
-        resume_key = str(resume)
-    else:
-        raise TypeError(f"resume must be a bool, 'auto' or a checkpoint path, got {resume!r}")
+    per ``resume`` (None: ``config.train.resume``; :func:`dualdiff.experiments.run.normalize_resume`),
+    and on CUDA with fused AdamW unless ``train.optimizer_kwargs`` has a ``fused`` key."""
+    resume_key = config.train.resume if resume is None else normalize_resume(resume)
     kwargs = dict(config.train.optimizer_kwargs)
     if device.type == "cuda":
         kwargs.setdefault("fused", True)
@@ -817,26 +806,6 @@ def branch_weights(stack: StackedModels, num_timesteps: int) -> torch.Tensor:
     x = torch.zeros(M, num_timesteps, 2, device=device)
     _, w = stack(x, t, return_weights=True)
     return w
-
-
-def _kl(real: np.ndarray, sample: np.ndarray, k: int) -> tuple[float, str | None]:
-    from dualdiff.metrics.kl import kldiv
-    if not np.isfinite(sample).all():
-        return float("nan"), "samples contain non-finite values"
-    try:
-        return float(kldiv(real, sample, k=k)), None
-    except ValueError as e:  # duplicated points: npeet's tie-breaking noise
-        return float(kldiv(real, sample, k=k, jitter=1e-10, seed=0)), f"jitter 1e-10 ({e})"
-
-
-def _kl(real: np.ndarray, sample: np.ndarray, k: int) -> tuple[float, str | None]:
-    from dualdiff.metrics.kl import kldiv
-    if not np.isfinite(sample).all():
-        return float("nan"), "samples contain non-finite values"
-    try:
-        return float(kldiv(real, sample, k=k)), None
-    except ValueError as e:  # duplicated points: npeet's tie-breaking noise
-        return float(kldiv(real, sample, k=k, jitter=1e-10, seed=0)), f"jitter 1e-10 ({e})"
 
 
 def _jsonable(v):

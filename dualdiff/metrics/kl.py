@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
-__all__ = ["kldiv", "knn_distances"]
+__all__ = ["kldiv", "kldiv_noted", "knn_distances"]
 
 
 def _as_samples(a, name: str) -> np.ndarray:
@@ -120,3 +120,16 @@ def kldiv(
     const = math.log(m) - math.log(n - 1)
     est = const + d * (np.log(nu).mean() - np.log(rho).mean())
     return float(est / math.log(base))
+
+
+def kldiv_noted(real, sample, k: int = 5) -> tuple[float, str | None]:
+    """``(KL estimate, note)`` for experiment reports: NaN with a note when ``sample`` holds
+    non-finite values; duplicated points (the plain estimator refuses them) are retried with
+    npeet's tie-breaking noise (jitter 1e-10, seed 0) and noted. ``note`` None otherwise."""
+    sample = np.asarray(sample)
+    if not np.isfinite(sample).all():
+        return float("nan"), "samples contain non-finite values"
+    try:
+        return float(kldiv(real, sample, k=k)), None
+    except ValueError as e:  # duplicated points: npeet's tie-breaking noise
+        return float(kldiv(real, sample, k=k, jitter=1e-10, seed=0)), f"jitter 1e-10 ({e})"
