@@ -11,6 +11,7 @@ saying why in ``.fallback_reason`` and with a one-time :class:`FallbackWarning`.
 :mod:`dualdiff.patch` swaps MONAI's class in place, Liger-style. See docs/compat.md.
 """
 from dualdiff.compat._fallback import FallbackWarning
+from dualdiff.compat.diffusers import DualTimestepEmbedding
 from dualdiff.compat.monai import DiceLoss
 
-__all__ = ["DiceLoss", "FallbackWarning"]
+__all__ = ["DiceLoss", "DualTimestepEmbedding", "FallbackWarning"]
