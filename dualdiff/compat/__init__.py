@@ -13,5 +13,6 @@ saying why in ``.fallback_reason`` and with a one-time :class:`FallbackWarning`.
 from dualdiff.compat._fallback import FallbackWarning
 from dualdiff.compat.diffusers import DualTimestepEmbedding
 from dualdiff.compat.monai import DiceLoss
+from dualdiff.compat.vae_dg import VAELoss
 
-__all__ = ["DiceLoss", "DualTimestepEmbedding", "FallbackWarning"]
+__all__ = ["DiceLoss", "DualTimestepEmbedding", "FallbackWarning", "VAELoss"]
