@@ -156,7 +156,8 @@ def check_npy(path: str | Path, *, what: str = "array file", ndim: int | None = 
     if ndim is not None and len(shape) != ndim:
         raise bad_file(p, what, f"has {len(shape)} dimensions {shape}, expected {ndim}")
     if kinds is not None and dtype.kind not in kinds:
-        raise bad_file(p, what, f"dtype {dtype} is not numeric")
+        raise bad_file(p, what, f"dtype {dtype} is not allowed (dtype kinds {kinds!r}: f float, "
+                                "i/u integer, b bool)")
     if verify:
         load_npy(p, what=what)
     return ArrayInfo(p, shape, dtype)

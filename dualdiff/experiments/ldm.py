@@ -64,7 +64,10 @@ class LDMDataConfig:
     ``num_train`` / ``num_test`` crops, the right ``test_fraction`` of the columns held out) or
     ``folder`` (``path`` with images/, masks/, optional unlabelled/; ``val_fraction`` held out,
     the seed's 90/10). ``image_size``: tile side in pixels. ``sampling``: ``uniform`` or
-    ``class_balanced`` (the seed's cutoffs with ``balance_p``; :mod:`dualdiff.data.histology`)."""
+    ``class_balanced`` (the seed's cutoffs with ``balance_p``; :mod:`dualdiff.data.histology`).
+    ``verify`` / ``skip_bad`` (folder source): images and masks are checked when the dataset is
+    built (``verify``: fully decoded); a bad pair is an error naming the file, or with ``skip_bad``
+    is skipped with a warning (:mod:`dualdiff.data.checks`)."""
     source: Literal["embedded", "folder"] = "embedded"
     path: str | None = None
     image_size: int = 128
@@ -75,6 +78,8 @@ class LDMDataConfig:
     val_fraction: float = 0.1
     sampling: Literal["uniform", "class_balanced"] = "uniform"
     balance_p: float = 0.5
+    verify: bool = False
+    skip_bad: bool = False
     seed: int = 0
 
     def validate(self) -> None:
@@ -302,7 +307,7 @@ def _datasets(cfg: LDMConfig):
     if d.source == "embedded":
         return (EmbeddedHistology("train", d.num_train, d.image_size, test_fraction=d.test_fraction, seed=d.seed),
                 EmbeddedHistology("test", d.num_test, d.image_size, test_fraction=d.test_fraction, seed=d.seed))
-    full = HistologyFolder(d.path, d.image_size, d.num_classes)
+    full = HistologyFolder(d.path, d.image_size, d.num_classes, verify=d.verify, skip_bad=d.skip_bad)
     train, val = split_indices(len(full), d.val_fraction, d.seed)
     return torch.utils.data.Subset(full, train), torch.utils.data.Subset(full, val)
 

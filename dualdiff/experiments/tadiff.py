@@ -143,7 +143,10 @@ class TaDiffDataConfig:
     """Patients. ``source``: ``procedural`` (written to ``path``, default ``OUT/data``, then read
     back by the ``.npy`` loader), ``npy`` or ``nifti`` (read from ``path``; see
     :mod:`dualdiff.data.tadiff_io`). ``num_patients`` / ``sessions`` / ``depth`` / ``seed``
-    shape the procedural set; the last ``val_patients`` patients are the validation split."""
+    shape the procedural set; the last ``val_patients`` patients are the validation split.
+    ``verify`` / ``skip_bad``: every patient's files are checked from their headers before any is
+    read (``verify``: fully read, image values finite); a bad one is an error naming the file, or
+    with ``skip_bad`` the patient is skipped with a warning (:func:`dualdiff.data.tadiff_io.load_patients`)."""
     source: Literal["procedural", "npy", "nifti"] = "procedural"
     path: str | None = None
     num_patients: int = 12
@@ -151,6 +154,8 @@ class TaDiffDataConfig:
     sessions: int = 5
     depth: int = 24
     seed: int = 0
+    verify: bool = False
+    skip_bad: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -317,23 +322,22 @@ def make_data(cfg: TaDiffConfig, out_dir: str | os.PathLike) -> Path:
 def build_tadiff_datasets(cfg: TaDiffConfig, out_dir: str | os.PathLike | None = None):
     """``(train, val)`` :class:`dualdiff.data.tadiff_io.TaDiffSlices` of ``cfg.data``."""
     from dualdiff.data.tadiff_io import (TaDiffSlices, center_crop_pad, crop_foreground,
-                                         list_nifti_patients, list_npy_patients, load_nifti_patient,
-                                         load_npy_patient)
+                                         list_nifti_patients, list_npy_patients, load_patients)
 
     d = cfg.data
     if d.source == "procedural":
         root = make_data(cfg, d.path or Path(out_dir or ".") / "data")
         ids = list_npy_patients(root)[: d.num_patients]
-        load = load_npy_patient
     else:
         root = Path(d.path)
         ids = list_npy_patients(root) if d.source == "npy" else list_nifti_patients(root)
-        load = load_npy_patient if d.source == "npy" else load_nifti_patient
     if len(ids) < 2:
         raise FileNotFoundError(f"data.path {str(root)!r} holds {len(ids)} patient(s) in the "
                                 f"{d.source} layout; at least 2 are needed (train + validation)")
     nval = min(d.val_patients, len(ids) - 1)
-    patients = [center_crop_pad(crop_foreground(load(root, pid)), cfg.model.image_size) for pid in ids]
+    patients = [center_crop_pad(crop_foreground(p), cfg.model.image_size)
+                for p in load_patients(root, ids, "nifti" if d.source == "nifti" else "npy",
+                                       verify=d.verify, skip_bad=d.skip_bad)]
     S = cfg.model.sessions
     return TaDiffSlices(patients[:-nval], S), TaDiffSlices(patients[-nval:], S)
 

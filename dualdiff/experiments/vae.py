@@ -173,7 +173,10 @@ class VAEDataConfig:
     ``environments``, None = all four) or ``folder`` (DomainBed tree at ``path``). ``test_env``:
     the held-out environment's name (None: train on every environment, no test set).
     ``holdout_fraction``: per training environment, the share kept for validation.
-    ``subset_size``: N images per training environment (seeded). ``seed``: data and splits."""
+    ``subset_size``: N images per training environment (seeded). ``seed``: data and splits.
+    ``verify`` / ``skip_bad`` (folder source): the images are checked when the dataset is built
+    (``verify``: fully decoded); a bad one is an error naming it, or with ``skip_bad`` is skipped
+    with a warning (:mod:`dualdiff.data.checks`)."""
     source: Literal["fundus", "folder"] = "fundus"
     path: str | None = None
     num_per_env: int = 200
@@ -182,6 +185,8 @@ class VAEDataConfig:
     holdout_fraction: float = 0.2
     subset_size: int | None = None
     seed: int = 0
+    verify: bool = False
+    skip_bad: bool = False
 
     def validate(self) -> None:
         if self.source == "folder" and not self.path:
@@ -296,7 +301,7 @@ def build_vae_data(cfg: VAEDataConfig, image_size: int):
     if cfg.source == "fundus":
         ds = SyntheticFundus(cfg.num_per_env, image_size, environments=cfg.environments, seed=cfg.seed)
     else:
-        ds = DomainFolder(cfg.path, image_size)
+        ds = DomainFolder(cfg.path, image_size, verify=cfg.verify, skip_bad=cfg.skip_bad)
     test = []
     if cfg.test_env is not None:
         if cfg.test_env not in ds.environments:
