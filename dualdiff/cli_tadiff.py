@@ -1,42 +1,29 @@
 """``dualdiff tadiff ...``: make-data, train, sweep, eval, plot, demo.
 
-Every command but ``plot`` takes ``key=value`` overrides of
-:class:`dualdiff.experiments.tadiff.TaDiffConfig` (``preset=tiny|default``, ``--config``
-YAML); ``eval`` applies them to the config stored in the checkpoint. ``sweep`` trains the
+Every command but ``plot`` takes the shared options (``--config`` YAML, ``key=value``
+overrides of :class:`dualdiff.experiments.tadiff.TaDiffConfig`, ``--show-config``, ``--device``;
+``preset=tiny|default|demo``); ``eval`` applies them to the config stored in the checkpoint.
+``--out-dir`` of train / sweep / demo is the run folder (the ``train.out_dir`` key's flag) and
+``--resume [auto|latest|PATH]`` has one meaning (:mod:`dualdiff.experiments.run`). ``sweep`` trains the
 schedules of the config key ``schedules`` (``schedules=fixed,power,cosine,step,learnable``; a
 key rather than a flag, so there is one way to set it).
 """
 from __future__ import annotations
 
 import argparse
-import functools
 from pathlib import Path
+
+from dualdiff.errors import ConfigError
 
 __all__ = ["register_tadiff_commands"]
 
 
-def _user_errors(fn):
-    """Data-layout errors (:class:`TaDiffDataError`) are the user's: report them as UserError."""
-    @functools.wraps(fn)
-    def run(args):
-        from dualdiff.errors import UserError
-        from dualdiff.data.tadiff_io import TaDiffDataError
-
-        try:
-            return fn(args)
-        except TaDiffDataError as e:
-            raise UserError(str(e)) from e
-    return run
-
-
-@_user_errors
 def _make_data(args) -> int:
     from dualdiff.cli_common import config_from_args
     from dualdiff.experiments.tadiff import make_data
 
     cfg = config_from_args(args)
     if cfg.data.source != "procedural":
-        from dualdiff.config import ConfigError
         raise ConfigError("make-data writes procedural patients; data.source must be 'procedural'")
     path = make_data(cfg, cfg.data.path or args.out_dir)
     print(f"wrote {cfg.data.num_patients} procedural patients ({cfg.model.image_size}x"
@@ -44,50 +31,46 @@ def _make_data(args) -> int:
     return 0
 
 
-@_user_errors
 def _train(args) -> int:
     from dualdiff.cli_common import config_from_args
     from dualdiff.experiments.tadiff import train_tadiff
 
-    cfg = config_from_args(args)
-    trainer = train_tadiff(cfg, args.out_dir, resume=args.resume or False)
+    cfg = config_from_args(args)  # --out-dir / --resume folded into train.out_dir / train.resume
+    trainer = train_tadiff(cfg)
     hist = [r for r in trainer.history if "noise_mse" in r]
     if hist:
         a, b = hist[0], hist[-1]
         print(f"trained to step {trainer.step}: loss {a['loss']:.4f} -> {b['loss']:.4f}, noise MSE "
               f"{a['noise_mse']:.4f} -> {b['noise_mse']:.4f}, Dice loss {a['dice_loss']:.4f} -> "
-              f"{b['dice_loss']:.4f}; checkpoints in {Path(args.out_dir) / 'checkpoints'}")
+              f"{b['dice_loss']:.4f}; checkpoints in {Path(cfg.train.out_dir) / 'checkpoints'}")
     return 0
 
 
-@_user_errors
 def _sweep(args) -> int:
     from dualdiff.cli_common import config_from_args
     from dualdiff.experiments.tadiff import sweep_tadiff
 
     cfg = config_from_args(args)
-    sweep_tadiff(cfg, args.out_dir, resume=bool(args.resume))
-    print(f"wrote {Path(args.out_dir) / 'comparison.md'} and the figures")
+    sweep_tadiff(cfg)
+    print(f"wrote {Path(cfg.train.out_dir) / 'comparison.md'} and the figures")
     return 0
 
 
-@_user_errors
 def _eval(args) -> int:
-    from dualdiff.experiments.tadiff import evaluate_tadiff
+    from dualdiff.cli_common import config_from_args
+    from dualdiff.experiments.run import load_run
+    from dualdiff.experiments.tadiff import TaDiffConfig, evaluate_tadiff
 
-    for tok in args.overrides or []:
-        if "=" not in tok:
-            from dualdiff.config import ConfigError
-            raise ConfigError(f"argument {tok!r} is not key=value")
-    device = args.device or "auto"
-    if device == "auto":
-        import torch
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    evaluate_tadiff(args.checkpoint, args.out_dir, overrides=list(args.overrides or []), device=device)
+    stored = None
+    if args.checkpoint is not None:
+        stored = load_run(args.checkpoint, TaDiffConfig, writer="train_tadiff").config
+    elif not args.show_config:
+        raise ConfigError("--checkpoint is required")
+    cfg = config_from_args(args, base=stored)
+    evaluate_tadiff(args.checkpoint, args.out_dir, config=cfg)
     return 0
 
 
-@_user_errors
 def _plot(args) -> int:
     from dualdiff.experiments.tadiff import plot_tadiff
 
@@ -96,11 +79,11 @@ def _plot(args) -> int:
     return 0
 
 
-@_user_errors
 def _demo(args) -> int:
+    from dualdiff.cli_common import config_from_args
     from dualdiff.experiments.tadiff import demo_tadiff
 
-    demo_tadiff(args.out_dir, list(args.overrides or []))
+    demo_tadiff(config=config_from_args(args))
     return 0
 
 
@@ -117,28 +100,26 @@ def register_tadiff_commands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_make_data)
 
     p = sub.add_parser("train", help="train one run (λ schedule from the key schedule=...)")
-    add_run_options(p, TaDiffConfig, presets=TADIFF_PRESETS, default_preset="default")
+    add_run_options(p, TaDiffConfig, presets=TADIFF_PRESETS, default_preset="default", out_dir="run")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("sweep", help="train + evaluate every schedule of the key schedules=a,b,... "
                                      "with common random numbers; comparison table and figures")
-    add_run_options(p, TaDiffConfig, presets=TADIFF_PRESETS, default_preset="default")
+    add_run_options(p, TaDiffConfig, presets=TADIFF_PRESETS, default_preset="default", out_dir="run")
     p.set_defaults(func=_sweep)
 
-    p = sub.add_parser("eval", help="validation losses, Dice vs t and sampled-session metrics of a run")
-    p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory (latest step_*.pt)")
-    p.add_argument("--out-dir", default=None, help="output folder (default: the run directory)")
-    p.add_argument("--device", default=None, help="auto | cpu | cuda[:k] (default auto)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="overrides of the stored config's evaluation / data keys, e.g. num_samples=8")
+    p = sub.add_parser("eval", help="validation losses, Dice vs t and sampled-session metrics of a run "
+                                    "(key=value: the stored config's evaluation / data keys)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint file or run directory (latest step_*.pt)")
+    add_run_options(p, TaDiffConfig, presets=TADIFF_PRESETS, out_dir="optional",
+                    default_out_dir=None, resume=False, run_input="--checkpoint")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("plot", help="figures of a run or sweep directory")
     p.add_argument("--run-dir", required=True, help="a run (with eval.json) or a sweep directory")
     p.set_defaults(func=_plot)
 
-    p = sub.add_parser("demo", help="the tiny preset end to end: data, sweep of fixed/power/learnable, "
+    p = sub.add_parser("demo", help="the demo preset end to end: data, sweep of fixed/power/learnable, "
                                     "evaluation, table and figures (a few CPU minutes)")
-    p.add_argument("--out-dir", required=True, help="output folder")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the tiny preset")
+    add_run_options(p, TaDiffConfig, presets=TADIFF_PRESETS, default_preset="demo", out_dir="run", resume=False)
     p.set_defaults(func=_demo)

@@ -26,7 +26,7 @@ _CURVE_SCHEDULES = ("fixed", "power", "cosine", "cosine_seed", "step")
 def plot_lambda_schedules(schedule, out_path: str | os.PathLike, *, lambda0: float = 0.01, k: float = 2.0,
                           learned: dict[str, list[float]] | None = None) -> Path:
     """λ(t) of the closed-form schedules (and ``learned`` tables) against t, log scale."""
-    from dualdiff.experiments.tadiff import lambda_weight
+    from dualdiff.diffusion.loss_weights import lambda_weight
 
     plt = _plt()
     ab = schedule.alphas_cumprod.double()

@@ -43,6 +43,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -50,13 +51,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dualdiff.diffusion.loss_weights import LAMBDA_SCHEDULES, LearnableLambda, lambda_weight
+from dualdiff.errors import CheckpointError, ConfigError
+from dualdiff.experiments.run import apply_run_flags, check_resume, from_name, load_run, load_weights
 from dualdiff.diffusion import (DDIMScheduler, NoiseSchedule, ddim_sample, ddim_timesteps,
                                 ddpm_sample, make_schedule, q_sample)
 from dualdiff.metrics.image import dice_at_threshold, mae, psnr, ravd, ssim
 from dualdiff.models.tadiff import TaDiffModelConfig, TaDiffNet
 from dualdiff.ops import weighted_dice_loss
-from dualdiff.train import (TrainConfig, Trainer, latest_checkpoint, load_checkpoint,
-                            resolve_checkpoint, unwrap_model)
+from dualdiff.train import TrainConfig, Trainer, latest_checkpoint, unwrap_model
 from dualdiff.utils.seed import derive_seed
 
 __all__ = ["LAMBDA_SCHEDULES", "lambda_weight", "LearnableLambda", "TaDiffDataConfig", "TaDiffConfig",
@@ -66,74 +69,10 @@ __all__ = ["LAMBDA_SCHEDULES", "lambda_weight", "LearnableLambda", "TaDiffDataCo
 
 log = logging.getLogger("dualdiff.tadiff")
 
-LAMBDA_SCHEDULES = ("fixed", "power", "cosine", "cosine_seed", "step", "learnable")
 DICE_FLAGS = dict(activation="sigmoid", squared_pred=True, smooth_nr=0.0, smooth_dr=1e-5)
 
 
-# ---------------------------------------------------------------------------------------
-# λ(t)
-
-
-class LearnableLambda(nn.Module):
-    """λ(t) = λ0 · f(t/(T-1), ᾱ_t) / mean_{t'} f(t'/(T-1), ᾱ_{t'}) with f = softplus(MLP) > 0.
-
-    ``alphas_cumprod``: the schedule's ᾱ table ``[T]``. The MLP (2 -> ``hidden`` -> 1, SiLU)
-    starts as a constant (last layer zero), i.e. at λ0 for every t; its mean over t stays λ0
-    whatever it learns. ``forward(t [B] int) -> λ [B]`` (float32).
-    """
-
-    def __init__(self, alphas_cumprod: torch.Tensor, lambda0: float = 0.01, hidden: int = 16) -> None:
-        super().__init__()
-        ab = torch.as_tensor(alphas_cumprod, dtype=torch.float32).reshape(-1)
-        T = ab.shape[0]
-        self.lambda0 = float(lambda0)
-        self.register_buffer("features", torch.stack([torch.arange(T) / max(T - 1, 1), ab], 1),
-                             persistent=False)
-        self.mlp = nn.Sequential(nn.Linear(2, hidden), nn.SiLU(), nn.Linear(hidden, 1))
-        nn.init.zeros_(self.mlp[2].weight)
-        nn.init.constant_(self.mlp[2].bias, math.log(math.e - 1.0))  # softplus(b) = 1
-
-    def table(self) -> torch.Tensor:
-        """λ at every t = 0..T-1, ``[T]``."""
-        f = F.softplus(self.mlp(self.features)).squeeze(1)
-        return self.lambda0 * f / f.mean()
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.table()[t.long()]
-
-
-def lambda_weight(schedule: str, alphabar: torch.Tensor, *, lambda0: float = 0.01, k: float = 2.0,
-                  t: torch.Tensor | None = None, net: LearnableLambda | None = None) -> torch.Tensor:
-    """The Dice weight λ per sample from ᾱ_t ``[B]`` (float) -> ``[B]`` (ᾱ's dtype).
-
-    ``schedule``: ``fixed`` | ``power`` (λ0·ᾱᵏ) | ``cosine`` (λ0·sin²(πᾱ/2)) | ``cosine_seed``
-    (λ0·cos²(πᾱ/2), inverted) | ``step`` (λ0 if ᾱ > 0.5 else λ0/10) | ``learnable`` (needs
-    ``net`` and the integer timesteps ``t`` [B]).
-    """
-    if schedule not in LAMBDA_SCHEDULES:
-        raise ValueError(f"schedule must be one of {', '.join(LAMBDA_SCHEDULES)}, got {schedule!r}")
-    if not isinstance(alphabar, torch.Tensor) or not alphabar.is_floating_point():
-        raise TypeError("alphabar must be a floating-point tensor [B]")
-    if not (isinstance(k, (int, float)) and k >= 0):
-        raise ValueError(f"k must be >= 0, got {k!r}")
-    if not (isinstance(lambda0, (int, float)) and lambda0 >= 0):
-        raise ValueError(f"lambda0 must be >= 0, got {lambda0!r}")
-    if schedule == "fixed":
-        return torch.full_like(alphabar, lambda0)
-    if schedule == "power":
-        return lambda0 * alphabar.pow(k)
-    if schedule == "cosine":
-        return lambda0 * torch.sin(0.5 * math.pi * alphabar).pow(2)
-    if schedule == "cosine_seed":
-        return lambda0 * torch.cos(0.5 * math.pi * alphabar).pow(2)
-    if schedule == "step":
-        return torch.where(alphabar > 0.5, torch.full_like(alphabar, lambda0),
-                           torch.full_like(alphabar, lambda0 / 10.0))
-    if net is None or t is None:
-        raise ValueError("schedule 'learnable' needs net= (a LearnableLambda) and t= (the timesteps)")
-    return net(t).to(alphabar.dtype)
-
-
+# λ(t) lives in the diffusion layer (dualdiff.diffusion.loss_weights); re-exported here
 # ---------------------------------------------------------------------------------------
 # configuration
 
@@ -162,15 +101,15 @@ class TaDiffDataConfig:
 
     def validate(self) -> None:
         if self.source != "procedural" and not self.path:
-            raise ValueError(f"data.path is required when data.source is {self.source!r}")
+            raise ConfigError(f"data.path is required when data.source is {self.source!r}")
         if self.num_patients < 2:
-            raise ValueError(f"data.num_patients must be >= 2, got {self.num_patients}")
+            raise ConfigError(f"data.num_patients must be >= 2, got {self.num_patients}")
         if not 1 <= self.val_patients < self.num_patients:
-            raise ValueError(f"data.val_patients must be in [1, num_patients), got {self.val_patients}")
+            raise ConfigError(f"data.val_patients must be in [1, num_patients), got {self.val_patients}")
         if self.sessions < 4:
-            raise ValueError(f"data.sessions must be >= 4, got {self.sessions}")
+            raise ConfigError(f"data.sessions must be >= 4, got {self.sessions}")
         if self.depth < 1:
-            raise ValueError(f"data.depth must be >= 1, got {self.depth}")
+            raise ConfigError(f"data.depth must be >= 1, got {self.depth}")
 
 
 def _default_train() -> TrainConfig:
@@ -220,30 +159,30 @@ class TaDiffConfig:
     def validate(self) -> None:
         for s in [self.schedule, *self.schedules]:
             if s not in LAMBDA_SCHEDULES:
-                raise ValueError(f"unknown λ schedule {s!r}; choose from {', '.join(LAMBDA_SCHEDULES)}")
+                raise ConfigError(f"unknown λ schedule {s!r}; choose from {', '.join(LAMBDA_SCHEDULES)}")
         if not self.schedules:
-            raise ValueError("schedules must name at least one λ schedule")
+            raise ConfigError("schedules must name at least one λ schedule")
         if len(set(self.schedules)) != len(self.schedules):
-            raise ValueError(f"schedules has duplicates: {self.schedules}")
+            raise ConfigError(f"schedules has duplicates: {self.schedules}")
         if not (self.k >= 0 and math.isfinite(self.k)):
-            raise ValueError(f"k must be >= 0, got {self.k}")
+            raise ConfigError(f"k must be >= 0, got {self.k}")
         if not self.lambda0 >= 0:
-            raise ValueError(f"lambda0 must be >= 0, got {self.lambda0}")
+            raise ConfigError(f"lambda0 must be >= 0, got {self.lambda0}")
         if self.T < 2:
-            raise ValueError(f"T must be >= 2, got {self.T}")
+            raise ConfigError(f"T must be >= 2, got {self.T}")
         if not 0 < self.beta_start < self.beta_end < 1:
-            raise ValueError(f"need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}")
+            raise ConfigError(f"need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}")
         if not 0.0 <= self.p_random_target <= 1.0:
-            raise ValueError(f"p_random_target must be in [0, 1], got {self.p_random_target}")
+            raise ConfigError(f"p_random_target must be in [0, 1], got {self.p_random_target}")
         if self.data.sessions < self.model.sessions:
-            raise ValueError(f"data.sessions ({self.data.sessions}) must be >= model.sessions ({self.model.sessions})")
+            raise ConfigError(f"data.sessions ({self.data.sessions}) must be >= model.sessions ({self.model.sessions})")
         if self.model.modalities != 3:
-            raise ValueError(f"model.modalities must be 3 (T1, T1c, FLAIR), got {self.model.modalities}")
+            raise ConfigError(f"model.modalities must be 3 (T1, T1c, FLAIR), got {self.model.modalities}")
         for name in ("learnable_hidden", "eval_batches", "eval_t_points", "sample_cases", "num_samples"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 1 <= self.sample_steps <= self.T:
-            raise ValueError(f"sample_steps must be in [1, T={self.T}], got {self.sample_steps}")
+            raise ConfigError(f"sample_steps must be in [1, T={self.T}], got {self.sample_steps}")
 
     @classmethod
     def tiny(cls) -> "TaDiffConfig":
@@ -259,12 +198,20 @@ class TaDiffConfig:
     @classmethod
     def from_name(cls, name: str) -> "TaDiffConfig":
         """A fresh copy of the preset ``name`` (``tiny`` | ``default``)."""
-        if name not in TADIFF_PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(sorted(TADIFF_PRESETS))}")
-        return TADIFF_PRESETS[name]()
+        return from_name(TADIFF_PRESETS, name, cls.__name__)
 
 
-TADIFF_PRESETS: dict[str, Any] = {"default": TaDiffConfig, "tiny": TaDiffConfig.tiny}
+def _demo() -> TaDiffConfig:
+    """The demo: the tiny preset sweeping fixed / power / learnable λ."""
+    cfg = TaDiffConfig.tiny()
+    cfg.schedules = ["fixed", "power", "learnable"]
+    cfg.train.out_dir = "runs/tadiff-demo"
+    return cfg
+
+
+#: name -> zero-argument function building a fresh config (``preset=NAME``)
+TADIFF_PRESETS: dict[str, Callable[[], TaDiffConfig]] = {"default": TaDiffConfig, "tiny": TaDiffConfig.tiny,
+                                                         "demo": _demo}
 
 
 # ---------------------------------------------------------------------------------------
@@ -466,31 +413,25 @@ class TaDiffLoss:
 def _prepared(config: TaDiffConfig, out_dir, resume) -> TaDiffConfig:
     if not isinstance(config, TaDiffConfig):
         raise TypeError(f"config must be a TaDiffConfig, got {type(config).__name__}")
-    cfg = copy.deepcopy(config)
-    cfg.train.out_dir = str(out_dir)
-    if resume is True:
-        cfg.train.resume = "latest"
-    elif resume in (False, None):
-        cfg.train.resume = None
-    elif isinstance(resume, (str, os.PathLike)):
-        cfg.train.resume = str(resume)
-    else:
-        raise TypeError(f"resume must be a bool, 'auto', 'latest' or a checkpoint path, got {resume!r}")
-    cfg.validate()
+    cfg = apply_run_flags(config, out_dir, resume, presets=TADIFF_PRESETS)
     cfg.train.validate()
+    check_resume(cfg.train.resume, Path(cfg.train.out_dir) / "checkpoints")
     return cfg
 
 
-def train_tadiff(config: TaDiffConfig, out_dir: str | os.PathLike, resume: bool | str = False, *,
-                 datasets=None, until: int | None = None, verbose: bool = True) -> Trainer:
-    """Train (or continue) one tadiff run in ``out_dir`` with the shared Trainer.
+def train_tadiff(config: TaDiffConfig, out_dir: str | os.PathLike | None = None,
+                 resume: bool | str | None = None, *, datasets=None, until: int | None = None,
+                 verbose: bool = True) -> Trainer:
+    """Train (or continue) one tadiff run in ``out_dir`` (None: ``train.out_dir``) with the
+    shared Trainer.
 
-    ``resume``: False, True (latest checkpoint; must exist), ``"auto"`` or a checkpoint path.
+    ``resume`` (None: the ``train.resume`` key): ``"auto"`` / True, ``"latest"``, a checkpoint
+    path, or False (fresh) — :mod:`dualdiff.experiments.run`.
     ``datasets``: ``(train, val)`` overriding ``config.data`` (a sweep shares them). ``until``
     stops at that step. Checkpoints store the whole config; returns the (closed) trainer.
     """
     cfg = _prepared(config, out_dir, resume)
-    train_set, _ = datasets if datasets is not None else build_tadiff_datasets(cfg, out_dir)
+    train_set, _ = datasets if datasets is not None else build_tadiff_datasets(cfg, cfg.train.out_dir)
     torch.manual_seed(derive_seed(cfg.train.seed, "tadiff-init"))  # same UNet for every schedule
     model = build_tadiff_model(cfg)
     n = sum(p.numel() for p in model.parameters())
@@ -510,19 +451,9 @@ def load_tadiff_model(checkpoint: str | os.PathLike, ema: bool = True,
                       map_location: Any = "cpu") -> tuple[TaDiffModel, TaDiffConfig]:
     """``(model in eval mode, config)`` from a checkpoint file or run directory of
     :func:`train_tadiff` (EMA weights when present and ``ema``)."""
-    from dualdiff.config import from_dict
-    from dualdiff.train import CheckpointError
-
-    path = resolve_checkpoint(checkpoint)
-    state = load_checkpoint(path, map_location=map_location)
-    run = state.get("run_config")
-    if not run or "schedule" not in run:
-        raise CheckpointError(f"checkpoint {str(path)!r} has no tadiff run config: was it written by train_tadiff?")
-    cfg = from_dict(TaDiffConfig, run)
-    model = build_tadiff_model(cfg)
-    weights = state["ema"]["model"] if ema and state.get("ema") is not None else state["model"]
-    model.load_state_dict(weights)
-    return model.to(map_location).eval(), cfg
+    run = load_run(checkpoint, TaDiffConfig, writer="train_tadiff", map_location=map_location)
+    model = load_weights(build_tadiff_model(run.config), run, ema=ema)
+    return model.to(map_location).eval(), run.config
 
 
 # ---------------------------------------------------------------------------------------
@@ -642,26 +573,33 @@ def sample_metrics(samples: dict[str, torch.Tensor], batch: dict) -> dict[str, f
 
 
 def evaluate_tadiff(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
-                    overrides: list[str] | None = None, datasets=None, device: str = "cpu",
-                    verbose: bool = True) -> dict:
+                    overrides: list[str] | None = None, config: TaDiffConfig | None = None, datasets=None,
+                    device: str | None = None, verbose: bool = True) -> dict:
     """Evaluate a trained run: validation losses, Dice vs t, sampled target session metrics.
 
-    ``checkpoint``: file or run directory. The stored config is used, with ``overrides``
-    (``key=value``) of its evaluation and data keys (``model.*``, ``schedule``,
-    ``lambda_combine`` and ``learnable_hidden`` describe the trained model and cannot change).
+    ``checkpoint``: file or run directory (:func:`dualdiff.experiments.run.load_run`). The
+    stored config is used, or ``config`` (the stored one with the CLI's ``--config`` /
+    ``key=value`` applied), with ``overrides`` (``key=value``) of its evaluation and data keys
+    (``model.*``, ``schedule``, ``lambda_combine`` and ``learnable_hidden`` describe the
+    trained model and cannot change). ``device``: None = the config's ``train.device``.
     Writes ``eval.json`` and ``samples.pt`` to ``out_dir`` (default: the run directory) and
     returns the result dict.
     """
-    from dualdiff.config import ConfigError, apply_overrides
+    from dualdiff.config import apply_overrides
+    from dualdiff.train.distributed import default_device
 
-    model, cfg = load_tadiff_model(checkpoint, map_location=device)
-    fixed = ("model.", "model=", "schedule=", "lambda_combine=", "learnable_hidden=")
-    bad = [o for o in overrides or [] if o.strip().startswith(fixed)]
-    if bad:
-        raise ConfigError(f"eval cannot change the trained model's keys: {bad}")
+    run = load_run(checkpoint, TaDiffConfig, writer="train_tadiff")
+    stored = run.config
+    cfg = copy.deepcopy(config) if config is not None else stored
     if overrides:
         cfg = apply_overrides(cfg, list(overrides))
-    ckpt = resolve_checkpoint(checkpoint)
+    changed = [k for k in ("model", "schedule", "lambda_combine", "learnable_hidden")
+               if getattr(cfg, k) != getattr(stored, k)]
+    if changed:
+        raise ConfigError(f"eval cannot change the trained model's keys: {changed}")
+    device = str(default_device(device if device is not None else cfg.train.device))
+    model = load_weights(build_tadiff_model(stored), run, ema=True).to(device).eval()
+    ckpt = run.path
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     out = Path(out_dir) if out_dir is not None else run_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -708,27 +646,32 @@ def _table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def sweep_tadiff(config: TaDiffConfig, out_dir: str | os.PathLike, resume: bool | str = False, *,
-                 verbose: bool = True) -> dict[str, dict]:
+def sweep_tadiff(config: TaDiffConfig, out_dir: str | os.PathLike | None = None,
+                 resume: bool | str | None = None, *, verbose: bool = True) -> dict[str, dict]:
     """Train and evaluate every schedule in ``config.schedules`` under ``out_dir/<schedule>``
-    with common random numbers (same data, initial UNet, seeds), then write
-    ``comparison.json`` / ``comparison.md`` and the figures. ``resume`` applies to each run."""
-    out = Path(out_dir)
+    (None: ``train.out_dir``) with common random numbers (same data, initial UNet, seeds), then
+    write ``comparison.json`` / ``comparison.md`` and the figures. ``resume`` (None: the
+    ``train.resume`` key) applies to each run, as in :func:`train_tadiff`; a run that already
+    reached ``train.steps`` is not retrained when resuming."""
+    if not isinstance(config, TaDiffConfig):
+        raise TypeError(f"config must be a TaDiffConfig, got {type(config).__name__}")
+    base = apply_run_flags(config, out_dir, resume, presets=TADIFF_PRESETS)
+    out = Path(base.train.out_dir)
+    resume = base.train.resume
     out.mkdir(parents=True, exist_ok=True)
-    base = copy.deepcopy(config)
-    base.validate()
     datasets = build_tadiff_datasets(base, out)
     results = {}
     for s in base.schedules:
         cfg = copy.deepcopy(base)
         cfg.schedule = s
         run = out / s
+        cfg.train.out_dir = str(run)
         done = latest_checkpoint(run / "checkpoints")
         if resume and done is not None and int(done.stem.split("_")[-1]) >= cfg.train.steps:
             if verbose:
                 print(f"[{s}] already trained ({done.name})")
         else:
-            train_tadiff(cfg, run, resume="auto" if resume else False, datasets=datasets, verbose=verbose)
+            train_tadiff(cfg, datasets=datasets, verbose=verbose)
         results[s] = evaluate_tadiff(run, run, datasets=datasets, device=str(_device(cfg)), verbose=verbose)
     (out / "comparison.json").write_text(json.dumps(results, indent=2))
     (out / "comparison.md").write_text(_table(results) + "\n")
@@ -777,18 +720,18 @@ def plot_tadiff(run_dir: str | os.PathLike) -> list[Path]:
     return files
 
 
-def demo_tadiff(out_dir: str | os.PathLike, overrides: list[str] | None = None, *,
-                verbose: bool = True) -> dict[str, dict]:
-    """The whole experiment on the tiny preset in a few CPU minutes: procedural data, a sweep
-    over fixed / power / learnable λ (150 steps each), evaluation, table and figures."""
+def demo_tadiff(out_dir: str | os.PathLike | None = None, overrides: list[str] | None = None, *,
+                config: TaDiffConfig | None = None, verbose: bool = True) -> dict[str, dict]:
+    """The whole experiment on the ``demo`` preset (tiny, fixed / power / learnable λ, 150 steps
+    each) in a few CPU minutes: procedural data, sweep, evaluation, table and figures.
+    ``config`` replaces the preset; ``overrides`` (``key=value``) are applied to it."""
     from dualdiff.config import apply_overrides
 
-    cfg = TaDiffConfig.tiny()
-    cfg.schedules = ["fixed", "power", "learnable"]
+    cfg = config if config is not None else TaDiffConfig.from_name("demo")
     if overrides:
         cfg = apply_overrides(cfg, list(overrides))
     t0 = time.perf_counter()
     res = sweep_tadiff(cfg, out_dir, verbose=verbose)
     if verbose:
-        print(f"demo finished in {time.perf_counter() - t0:.0f} s; outputs in {out_dir}")
+        print(f"demo finished in {time.perf_counter() - t0:.0f} s; outputs in {out_dir or cfg.train.out_dir}")
     return res
