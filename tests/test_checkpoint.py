@@ -190,3 +190,173 @@ def test_rng_state_round_trip(tmp_path):
     _set_rng_state(state)
     b = (torch.rand(3), np.random.randn(3), random.random())
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+# --- crash safety (issue 19 item 3) ---------------------------------------------------------
+
+def test_pruning_never_deletes_the_checkpoint_just_written_nor_newer(tmp_path):
+    d = tmp_path / "checkpoints"
+    save_checkpoint({"model": {}}, d, 1000, keep_last=1)
+    (d / "step_00002000.pt").write_bytes(b"garbage from another run")  # unreadable, newer
+    save_checkpoint({"model": {}}, d, 1500, keep_last=1)
+    # 1000 is pruned (older), 1500 (just written) and 2000 (newer) stay
+    assert [p.name for p in list_checkpoints(d)] == ["step_00001500.pt", "step_00002000.pt"]
+    with pytest.warns(RuntimeWarning, match="skipping unreadable checkpoint.*step_00002000"):
+        path, state = find_resumable(d)
+    assert path.name == "step_00001500.pt" and state["step"] == 1500
+    # keep_last=2 keeps the two newest at or below the step just written
+    for step in (1600, 1700):
+        save_checkpoint({"model": {}}, d, step, keep_last=2)
+    assert [p.name for p in list_checkpoints(d)] == [
+        "step_00001600.pt", "step_00001700.pt", "step_00002000.pt"]
+
+
+def test_resume_auto_over_unloadable_checkpoints_is_an_error_not_a_fresh_start(tmp_path):
+    d = tmp_path / "checkpoints"
+    d.mkdir()
+    (d / "step_00000003.pt").write_bytes(b"")
+    (d / "step_00000006.pt").write_bytes(os.urandom(100))
+    for resume in ("auto", "latest"):
+        with pytest.warns(RuntimeWarning, match="skipping unreadable"):
+            with pytest.raises(CheckpointError) as e:
+                _trainer(tmp_path, resume=resume)
+        msg = str(e.value)
+        assert "step_00000003.pt" in msg and "step_00000006.pt" in msg
+        assert "--resume PATH" in msg and "move these files away" in msg
+    from dualdiff.errors import UserError
+    assert isinstance(e.value, UserError)
+
+
+def test_stale_tmp_of_a_killed_write_is_removed_at_start_with_a_warning(tmp_path):
+    tr = _trainer(tmp_path, steps=3)
+    tr.fit()
+    d = tmp_path / "checkpoints"
+    stale = d / ".step_00000006.pt.k2j4x9_a.tmp"
+    stale.write_bytes(b"PK\x03\x04 half a zip")
+    other = d / "notes.tmp"  # not the checkpoint writer's: left alone
+    other.write_text("x")
+    with pytest.warns(RuntimeWarning, match=r"removed 1 partial checkpoint file\(s\).*"
+                                            r"\.step_00000006\.pt\.k2j4x9_a\.tmp"):
+        resumed = _trainer(tmp_path, steps=6, resume="auto")
+    assert not stale.exists() and other.exists() and resumed.step == 3
+
+
+def test_read_jsonl_drops_a_torn_last_line_and_names_a_torn_middle_line(tmp_path):
+    from dualdiff.errors import DataError
+    from dualdiff.train import read_jsonl
+
+    p = tmp_path / "metrics.jsonl"
+    p.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')
+    with pytest.warns(RuntimeWarning, match="dropped the torn last line 3"):
+        assert [r["step"] for r in read_jsonl(p)] == [1, 2]
+    p.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo\n{"step": 3, "loss": 0.3}\n')
+    with pytest.raises(DataError, match=r"metrics.jsonl line 2 is not valid JSON"):
+        read_jsonl(p)
+
+
+def test_torn_metrics_line_is_truncated_on_resume_and_appends_stay_valid(tmp_path):
+    from dualdiff.train import read_jsonl
+
+    tr = _trainer(tmp_path, steps=6, checkpoint_every=3)
+    tr.fit(until=4, save_final=False)  # killed after logging step 4
+    tr.close()
+    jl, csv_path = tmp_path / "metrics.jsonl", tmp_path / "metrics.csv"
+    with open(jl, "a") as f:  # the crash: half of step 5's line
+        f.write('{"step": 5, "loss": 0.12')
+    with open(csv_path, "a") as f:
+        f.write("5,0.1")
+    with pytest.warns(RuntimeWarning, match="dropped a torn last line"):
+        resumed = _trainer(tmp_path, steps=6, checkpoint_every=3, resume="auto")
+    assert resumed.step == 3
+    resumed.fit()
+    recs = read_jsonl(jl)  # no warning, no error: every line complete
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6]
+    assert jl.read_text().endswith("}\n")
+    import csv
+    with open(csv_path, newline="") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3, 4, 5, 6]
+
+
+def _big_state(n_bytes):
+    return {"model": {"w": torch.zeros(n_bytes // 4)}}
+
+
+def _assert_disk_full_error(err, directory, needed):
+    msg = str(err)
+    assert "\n" not in msg
+    assert str(directory) in msg and "step_00000007.pt" in msg
+    assert f"{needed:,}" in msg  # the bytes the tensors need
+    assert not [p for p in os.listdir(directory) if p.endswith(".tmp")]
+
+
+def test_file_size_limit_is_one_checkpoint_error_and_leaves_no_tmp(tmp_path):
+    import resource
+    import signal
+
+    d = tmp_path / "checkpoints"
+    save_checkpoint({"model": {}}, d, 6)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills us
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, hard))
+    try:
+        with pytest.raises(CheckpointError) as e:
+            save_checkpoint(_big_state(4 << 20), d, 7, keep_last=1)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert "file size limit" in str(e.value)
+    _assert_disk_full_error(e.value, d, 4 << 20)
+    assert [p.name for p in list_checkpoints(d)] == ["step_00000006.pt"]
+    assert load_checkpoint(d / "step_00000006.pt")["step"] == 6
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A 1 MiB tmpfs (needs root and mount(8)); skipped where it cannot be mounted."""
+    import shutil
+    import subprocess
+
+    d = tmp_path / "small_disk"
+    d.mkdir()
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root and mount(8); the RLIMIT_FSIZE test covers it")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", str(d)], check=False)
+
+
+def test_full_disk_is_one_checkpoint_error_and_leaves_no_tmp(tiny_tmpfs):
+    d = tiny_tmpfs / "checkpoints"
+    save_checkpoint({"model": {}}, d, 6)
+    with pytest.raises(CheckpointError) as e:
+        save_checkpoint(_big_state(4 << 20), d, 7, keep_last=1)
+    assert "no space left on the device" in str(e.value)
+    assert "inline_container" not in str(e.value)
+    _assert_disk_full_error(e.value, d, 4 << 20)
+    assert [p.name for p in list_checkpoints(d)] == ["step_00000006.pt"]
+
+
+def test_trainer_state_dict_round_trips_through_load_state(tmp_path):
+    import copy
+
+    a = _trainer(tmp_path / "a", steps=6, checkpoint_every=0)
+    a.fit(until=3)
+    state = copy.deepcopy(a.state_dict())
+    assert state["step"] == 3
+    b = _trainer(tmp_path / "b", steps=6, checkpoint_every=0)
+    b.load_state(state)
+    assert b.step == 3
+    a.fit()
+    b.fit()
+    sa, sb = a.state_dict(), b.state_dict()
+    for k in ("model", "optimizer", "ema"):
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0)
+    assert sa["scheduler"] == sb["scheduler"] and sa["data"] == sb["data"]
+    assert [r["loss"] for r in a.history[3:]] == [r["loss"] for r in b.history]
+    with pytest.raises(CheckpointError, match="has no 'step'"):
+        b.load_state({k: v for k, v in state.items() if k != "step"})

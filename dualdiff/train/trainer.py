@@ -298,6 +298,9 @@ class Trainer:
                         f"resume='latest' but no checkpoint in {self.checkpoint_dir}")
                 log.info("resume='auto': no checkpoint in %s, starting fresh",
                          self.checkpoint_dir)
+                # records of an earlier attempt that died before its first checkpoint belong
+                # to a discarded trajectory: the files restart with this run
+                self.logger.truncate_after(0)
                 return
             path, state = found
             self.load_state(state, path)
