@@ -240,6 +240,32 @@ def _select(op: str, device_type: str, index: int | None, supported: tuple[str, 
     return "torch"
 
 
+@torch.compiler.assume_constant_result
+def _is_forced(backend: str | None) -> bool:
+    # Read at trace time under torch.compile, like _select (the environment is not traced).
+    return backend not in (None, "auto") or forced_backend() is not None
+
+
+def select_by_size(chosen: str, device: torch.device | str, backend: str | None, numel,
+                   min_numel: dict[str, dict[str, int]]) -> str:
+    """auto's size rule on top of :func:`select_backend`'s ``chosen``: the plain-PyTorch
+    reference ("torch") when auto picked a fused backend for an input of fewer than
+    ``min_numel[device type][chosen]`` elements (where the fused path's fixed cost was measured
+    to lose), else ``chosen``. A forced backend (``backend=`` or ``DUALDIFF_BACKEND``) is never
+    overridden; a missing or 0 threshold means always fused (and adds no guard).
+
+    Compile-friendly: the forcing test is taken at trace time; with symbolic shapes the
+    comparison of ``numel`` with the threshold becomes a guard, so a graph traced on one side of
+    the threshold is recompiled, not reused, for sizes on the other side.
+    """
+    if chosen == "torch":
+        return chosen
+    threshold = min_numel.get(torch.device(device).type, {}).get(chosen, 0)
+    if threshold <= 0 or _is_forced(backend):
+        return chosen
+    return "torch" if numel < threshold else chosen
+
+
 def backends() -> dict[str, dict[str, object]]:
     """What was built and what is usable here, per backend and device type."""
     mod, why = _import_extension()

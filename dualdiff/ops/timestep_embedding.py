@@ -49,10 +49,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from dualdiff._backend import (DTYPE_CODES, ENV_VAR, BackendUnavailableError, extension,
-                               select_backend)
+                               select_backend, select_by_size)
 from dualdiff.ops._checks import FLOAT_DTYPES, check_tensor
 
 __all__ = [
+    "AUTO_MIN_BATCH",
     "DualTimestepEmbedding",
     "DualTimestepEmbeddingReference",
     "dual_timestep_embedding",
@@ -64,6 +65,10 @@ __all__ = [
 MAX_PERIOD = 10000.0
 SUPPORTED = ("triton", "cuda", "torch")
 PREFER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("torch",)}
+# auto's size rule (dualdiff._backend.select_by_size): below AUTO_MIN_BATCH[device][backend] rows
+# (the batch B) auto runs the torch reference instead; 0 = always fused. Forced backends are never
+# overridden. CPU: no fused backend (auto is torch). CUDA: unmeasured, so always fused.
+AUTO_MIN_BATCH = {"cuda": {"cuda": 0, "triton": 0}}
 WEIGHT_NAMES = ("mlp0.0.weight", "mlp0.0.bias", "mlp0.2.weight", "mlp0.2.bias",
                 "mlp1.0.weight", "mlp1.0.bias", "mlp1.2.weight", "mlp1.2.bias",
                 "out.weight", "out.bias")
@@ -315,6 +320,20 @@ def _select(device: torch.device, backend: str | None) -> str:
     return select_backend("dual_timestep_embedding", device, SUPPORTED, PREFER, backend)
 
 
+def _by_size(name: str, device: torch.device, backend: str | None, batch) -> str:
+    # skipped (no cost on the launch-bound eager path) while every threshold is 0
+    if name == "torch" or not any(AUTO_MIN_BATCH.get(device.type, {}).values()):
+        return name
+    return select_by_size(name, device, backend, batch, AUTO_MIN_BATCH)
+
+
+def auto_backend(batch: int, device: torch.device | str) -> str:
+    """The backend :class:`DualTimestepEmbedding` runs (``DUALDIFF_BACKEND`` honoured, else
+    auto's choice) for ``batch`` timesteps per scale on ``device``."""
+    device = torch.device(device)
+    return _by_size(_select(device, None), device, None, batch)
+
+
 _SELECTED: dict = {}
 
 
@@ -373,7 +392,8 @@ def _run(t0, t1, ws, backend: str | None, state: _WeightState | None):
         _check_weights(ws)
         dev = ws[0].device
         t0, t1 = _prepare_timesteps(t0, t1, dev)
-        return _dual_timestep_embedding_op(t0, t1, *ws, _select(dev, backend))
+        return _dual_timestep_embedding_op(t0, t1, *ws, _by_size(_select(dev, backend), dev, backend,
+                                                                 t0.shape[0]))
     if torch._C._are_functorch_transforms_active():
         # torch.func (jvp, vmap, grad, ...): the reference composes with every transform; the
         # fused kernels have no forward-mode or batching rule.
@@ -388,7 +408,7 @@ def _run(t0, t1, ws, backend: str | None, state: _WeightState | None):
         if ptrs != state.ptrs or ws[0].dtype is not state.dtype:
             state.update(ws, ptrs)
     t0, t1 = _fast_timesteps(t0, t1, state.device)
-    name = _select_fast(state.device, backend)
+    name = _by_size(_select_fast(state.device, backend), state.device, backend, t0.shape[0])
     if torch.is_grad_enabled() and any(w.requires_grad for w in ws):
         return _EagerAutograd.apply(name, state, t0, t1, *ws)
     return _eager_forward(name, state, t0, t1, ws)

@@ -26,13 +26,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dualdiff._backend import DTYPE_CODES, cuda_stream, device_guard, extension, select_backend
+from dualdiff._backend import DTYPE_CODES, cuda_stream, device_guard, extension, select_backend, select_by_size
 from dualdiff.ops._checks import FLOAT_DTYPES, check_choice, check_same_device, check_same_shape, check_tensor
 
 RECON_KINDS = ("bce", "mse")
 REDUCTIONS = ("mean", "sum")
 SUPPORTED = ("triton", "cuda", "cpp", "torch")
 PREFER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
+
+# auto's size rule (dualdiff._backend.select_by_size): below AUTO_MIN_NUMEL[device][backend]
+# elements (vae_loss: recon_logits.numel(); gaussian_kl: mu.numel()) auto runs the torch reference
+# instead; 0 = always fused. Forced backends are never overridden.
+AUTO_MIN_NUMEL_CPU = 0
+AUTO_MIN_NUMEL_CUDA = 0  # unmeasured on a GPU: always fused (benchmarks/bench_vae_loss.py)
+AUTO_MIN_NUMEL = {"cpu": {"cpp": AUTO_MIN_NUMEL_CPU},
+                  "cuda": {"triton": AUTO_MIN_NUMEL_CUDA, "cuda": AUTO_MIN_NUMEL_CUDA}}
 
 
 # ----------------------------------------------------------------------------- reference
@@ -306,6 +314,13 @@ def _check_reduction(reduction: object) -> None:
     check_choice("reduction", reduction, REDUCTIONS)
 
 
+def auto_backend(numel: int, device: torch.device | str, op: str = "vae_loss") -> str:
+    """The backend ``op`` (vae_loss | gaussian_kl) runs (``DUALDIFF_BACKEND`` honoured, else
+    auto's choice) for ``numel`` elements (vae_loss: of recon_logits; gaussian_kl: of mu)."""
+    return select_by_size(select_backend(op, device, SUPPORTED, PREFER, None), device, None, numel,
+                          AUTO_MIN_NUMEL)
+
+
 def gaussian_kl(mu: Tensor, logvar: Tensor, *, reduction: str = "mean",
                 backend: str | None = None) -> Tensor:
     """KL(N(mu, diag(exp(logvar))) || N(0, I)) of a diagonal-Gaussian posterior.
@@ -324,7 +339,8 @@ def gaussian_kl(mu: Tensor, logvar: Tensor, *, reduction: str = "mean",
     _check_latents(mu, logvar)
     check_same_device({"mu": mu, "logvar": logvar})
     _check_reduction(reduction)
-    name = select_backend("gaussian_kl", mu.device, SUPPORTED, PREFER, backend)
+    name = select_by_size(select_backend("gaussian_kl", mu.device, SUPPORTED, PREFER, backend),
+                          mu.device, backend, mu.numel(), AUTO_MIN_NUMEL)
     if name == "torch":
         return gaussian_kl_reference(mu, logvar, reduction)
     return _gaussian_kl_fwd(mu.contiguous(), logvar.contiguous(), reduction, name)
@@ -375,7 +391,8 @@ def vae_loss(recon_logits: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *,
         raise TypeError(f"recon must be a str, got {type(recon).__name__}")
     check_choice("recon", recon, RECON_KINDS)
     _check_reduction(reduction)
-    name = select_backend("vae_loss", recon_logits.device, SUPPORTED, PREFER, backend)
+    name = select_by_size(select_backend("vae_loss", recon_logits.device, SUPPORTED, PREFER, backend),
+                          recon_logits.device, backend, recon_logits.numel(), AUTO_MIN_NUMEL)
     x = x.detach()
     if name == "torch":
         return vae_loss_reference(recon_logits, x, mu, logvar, kl_weight, recon, reduction)

@@ -40,6 +40,7 @@ from dualdiff._backend import (
     extension,
     forced_backend,
     select_backend,
+    select_by_size,
 )
 from dualdiff.ops._checks import (
     FLOAT_DTYPES,
@@ -49,7 +50,7 @@ from dualdiff.ops._checks import (
     check_tensor,
 )
 
-__all__ = ["weighted_dice_loss", "weighted_dice_loss_reference"]
+__all__ = ["weighted_dice_loss", "weighted_dice_loss_reference", "auto_backend"]
 
 ACTIVATIONS = ("sigmoid", "softmax", "none")
 REDUCTIONS = ("mean", "sum", "none")
@@ -64,6 +65,14 @@ CUDA_SOFTMAX_MAX_C = 32     # the cuda kernels' largest softmax channel bucket
 TRITON_SOFTMAX_MAX_C = 256  # kernels/weighted_dice.py MAX_SOFTMAX_C (one C-wide tile per program)
 CUDA_CHUNK_TILE = 1024      # pixels per cuda forward block iteration (256 threads x 4)
 _SOFTMAX_MAX_C = {"cuda": CUDA_SOFTMAX_MAX_C, "triton": TRITON_SOFTMAX_MAX_C}
+
+# auto's size rule (dualdiff._backend.select_by_size): below AUTO_MIN_NUMEL[device][backend]
+# input elements (B * C * spatial) auto runs the torch reference instead; 0 = always fused.
+# Forced backends are never overridden.
+AUTO_MIN_NUMEL_CPU = 0
+AUTO_MIN_NUMEL_CUDA = 0  # unmeasured on a GPU: always fused (benchmarks/bench_weighted_dice.py)
+AUTO_MIN_NUMEL = {"cpu": {"cpp": AUTO_MIN_NUMEL_CPU},
+                  "cuda": {"triton": AUTO_MIN_NUMEL_CUDA, "cuda": AUTO_MIN_NUMEL_CUDA}}
 
 
 # ----------------------------------------------------------------------------- reference
@@ -413,6 +422,17 @@ class _WeightedDiceEager(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------- public API
+def auto_backend(numel: int, device: torch.device | str, activation: str = "sigmoid", channels: int = 1) -> str:
+    """The backend :func:`weighted_dice_loss` runs (``DUALDIFF_BACKEND`` honoured, else auto's
+    choice) for an input of ``numel`` elements and ``channels`` channels on ``device``."""
+    device = torch.device(device)
+    chosen = select_by_size(select_backend("weighted_dice_loss", device, SUPPORTED, PREFER, None),
+                            device, None, numel, AUTO_MIN_NUMEL)
+    if activation == "softmax" and channels > _SOFTMAX_MAX_C.get(chosen, channels) and forced_backend() is None:
+        chosen = "torch"
+    return chosen
+
+
 def weighted_dice_loss(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -476,7 +496,8 @@ def weighted_dice_loss(
     if not include_background and C == 1:
         warnings.warn("single channel prediction, include_background=False ignored (as in MONAI)", stacklevel=2)
     c0 = _c0(C, include_background)
-    chosen = select_backend("weighted_dice_loss", device, SUPPORTED, PREFER, backend)
+    chosen = select_by_size(select_backend("weighted_dice_loss", device, SUPPORTED, PREFER, backend),
+                            device, backend, input.numel(), AUTO_MIN_NUMEL)
     if activation == "softmax" and C > _SOFTMAX_MAX_C.get(chosen, C):
         if backend not in (None, "auto") or forced_backend() is not None:
             raise ValueError(f"input: the {chosen} backend supports softmax over at most "
