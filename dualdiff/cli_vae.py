@@ -12,23 +12,10 @@ Wired into the main command by ``register_vae_commands(subparsers)``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
 from pathlib import Path
 
 __all__ = ["register_vae_commands"]
-
-
-@contextlib.contextmanager
-def _data_errors():
-    """Unusable data (empty folder, subset too large) is the user's mistake: one-line error."""
-    from dualdiff.errors import UserError
-    from dualdiff.data.fundus import DatasetError
-
-    try:
-        yield
-    except DatasetError as e:
-        raise UserError(str(e)) from e
 
 
 def _fmt(v) -> str:
@@ -47,8 +34,7 @@ def _train(args) -> int:
     from dualdiff.experiments.vae import train_vae
 
     cfg = config_from_args(args)
-    with _data_errors():
-        res = train_vae(cfg, args.out_dir, resume=args.resume)
+    res = train_vae(cfg)  # --out-dir / --resume folded into train.out_dir / train.resume
     m = res["metrics"]
     _print_metrics("val", m["val"])
     if "test" in m:
@@ -62,12 +48,11 @@ def _loo(args) -> int:
     from dualdiff.experiments.vae import loo_vae
 
     cfg = config_from_args(args)
-    with _data_errors():
-        summary = loo_vae(cfg, args.out_dir, resume=args.resume)
+    summary = loo_vae(cfg)
     print(f"{'held out':12s} {'test acc':>9s} {'val acc':>9s} {'test PSNR':>10s}")
     for env, s in summary.items():
         print(f"{env:12s} {_fmt(s['test_accuracy']):>9s} {_fmt(s['val_accuracy']):>9s} {_fmt(s['test_psnr']):>10s}")
-    print(f"loo.json, loo.png in {args.out_dir}")
+    print(f"loo.json, loo.png in {cfg.train.out_dir}")
     return 0
 
 
@@ -82,13 +67,12 @@ def _sweep(args) -> int:
     if not weights or min(weights) < 0:
         raise UserError(f"--kl-weights must be non-negative floats, got {args.kl_weights!r}")
     cfg = config_from_args(args)
-    with _data_errors():
-        summary = sweep_vae(cfg, args.out_dir, kl_weights=weights, resume=args.resume)
+    summary = sweep_vae(cfg, kl_weights=weights)
     print(f"{'kl_weight':>10s} {'PSNR':>8s} {'SSIM':>8s} {'HP err':>8s} {'active':>7s}")
     for w, m in summary.items():
         print(f"{w:>10s} {_fmt(m['psnr']):>8s} {_fmt(m['ssim']):>8s} {_fmt(m['highpass_rel_error']):>8s} "
               f"{_fmt(m['active_units']):>7s}")
-    print(f"sweep.json, sweep.png in {args.out_dir}")
+    print(f"sweep.json, sweep.png in {cfg.train.out_dir}")
     return 0
 
 
@@ -106,8 +90,7 @@ def _demo(args) -> int:
 
     cfg = config_from_args(args)
     t0 = time.perf_counter()
-    with _data_errors():
-        res = demo_vae(args.out_dir, cfg)
+    res = demo_vae(cfg=cfg)
     print(f"{'step':>5s} {'beta':>6s} {'recon':>8s} {'KL/dim':>8s} {'CE':>7s} {'total':>8s}")
     for r in res["table"]:
         print(f"{r['step']:5d} {r['beta']:6.3f} {r['recon']:8.4f} {r['kl']:8.4f} {r['ce']:7.4f} {r['loss']:8.4f}")
@@ -128,13 +111,13 @@ def register_vae_commands(subparsers) -> argparse.ArgumentParser:
                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = vae.add_subparsers(dest="vae_command", required=True)
     p = sub.add_parser("train", help="train one model (preset=tiny|default, key=value overrides)")
-    add_run_options(p, VAEConfig, presets=VAE_PRESETS, default_preset="default")
+    add_run_options(p, VAEConfig, presets=VAE_PRESETS, default_preset="default", out_dir="run")
     p.set_defaults(func=_train)
     p = sub.add_parser("loo", help="leave-one-domain-out: one model per held-out environment")
-    add_run_options(p, VAEConfig, presets=VAE_PRESETS, default_preset="default")
+    add_run_options(p, VAEConfig, presets=VAE_PRESETS, default_preset="default", out_dir="run")
     p.set_defaults(func=_loo)
     p = sub.add_parser("sweep", help="one run per kl_weight; PSNR / high-pass error / active units")
-    add_run_options(p, VAEConfig, presets=VAE_PRESETS, default_preset="default")
+    add_run_options(p, VAEConfig, presets=VAE_PRESETS, default_preset="default", out_dir="run")
     p.add_argument("--kl-weights", default=",".join(f"{w:g}" for w in SWEEP_KL_WEIGHTS),
                    help="comma-separated kl_weight values")
     p.set_defaults(func=_sweep)
@@ -142,7 +125,6 @@ def register_vae_commands(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True, metavar="DIR", help="the folder to plot")
     p.set_defaults(func=_plot)
     p = sub.add_parser("demo", help="tiny preset on the embedded fundus set, a few CPU minutes")
-    add_run_options(p, VAEConfig, presets=VAE_PRESETS, default_preset="tiny", out_dir="optional",
-                    default_out_dir="runs/vae-demo", resume=False)
+    add_run_options(p, VAEConfig, presets=VAE_PRESETS, default_preset="demo", out_dir="run", resume=False)
     p.set_defaults(func=_demo)
     return vae

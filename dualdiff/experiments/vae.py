@@ -37,6 +37,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -44,6 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dualdiff.errors import ConfigError
+from dualdiff.experiments.run import apply_run_flags, check_resume, from_name, load_run, load_weights
+from dualdiff.metrics.image import active_units, highpass_error, image_metrics
 from dualdiff.train import TrainConfig, Trainer
 from dualdiff.utils.seed import derive_seed
 
@@ -66,19 +70,19 @@ def _check_anneal(schedule: str, start: int, end: int, total_steps: int | None, 
                   ratio: float, prefix: str = "") -> None:
     """Raise ValueError naming the argument (``prefix`` + name; the config's keys are ``anneal_*``)."""
     if schedule not in ANNEAL_SCHEDULES:
-        raise ValueError(f"{prefix.rstrip('_') or 'schedule'} must be one of {ANNEAL_SCHEDULES}, got {schedule!r}")
+        raise ConfigError(f"{prefix.rstrip('_') or 'schedule'} must be one of {ANNEAL_SCHEDULES}, got {schedule!r}")
     if start < 0:
-        raise ValueError(f"{prefix}start must be >= 0, got {start}")
+        raise ConfigError(f"{prefix}start must be >= 0, got {start}")
     if end < start:
-        raise ValueError(f"{prefix}end ({end}) must be >= {prefix}start ({start})")
+        raise ConfigError(f"{prefix}end ({end}) must be >= {prefix}start ({start})")
     if total_steps is not None and total_steps < 1:
-        raise ValueError(f"{prefix}total_steps must be >= 1 or None, got {total_steps}")
+        raise ConfigError(f"{prefix}total_steps must be >= 1 or None, got {total_steps}")
     if cycles < 1:
-        raise ValueError(f"{prefix}cycles must be >= 1, got {cycles}")
+        raise ConfigError(f"{prefix}cycles must be >= 1, got {cycles}")
     if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"{prefix}ratio must be in (0, 1], got {ratio}")
+        raise ConfigError(f"{prefix}ratio must be in (0, 1], got {ratio}")
     if schedule == "cyclical" and total_steps is None and end == start:
-        raise ValueError(f"cyclical annealing needs {prefix}total_steps or {prefix}end > {prefix}start")
+        raise ConfigError(f"cyclical annealing needs {prefix}total_steps or {prefix}end > {prefix}start")
 
 
 def kl_anneal_weight(step: int, *, schedule: str, start: int = 0, end: int = 5000,
@@ -144,26 +148,26 @@ class VAEModelConfig:
 
     def validate(self) -> None:
         if self.image_size < 16:
-            raise ValueError(f"model.image_size must be >= 16, got {self.image_size}")
+            raise ConfigError(f"model.image_size must be >= 16, got {self.image_size}")
         for name in ("fc_hidden", "latent_dim", "deep_channels", "latent_channels", "base_channels",
                      "num_res_blocks"):
             if getattr(self, name) < 1:
-                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         if self.num_classes is not None and self.num_classes < 2:
-            raise ValueError(f"model.num_classes must be >= 2 or None, got {self.num_classes}")
+            raise ConfigError(f"model.num_classes must be >= 2 or None, got {self.num_classes}")
         if not self.small_channels or min(self.small_channels) < 1:
-            raise ValueError(f"model.small_channels must be positive ints, got {self.small_channels}")
+            raise ConfigError(f"model.small_channels must be positive ints, got {self.small_channels}")
         if self.trunk == "small" and self.trunk_weights is not None:
-            raise ValueError("model.trunk_weights applies to the resnet trunks only")
+            raise ConfigError("model.trunk_weights applies to the resnet trunks only")
         if self.decoder == "deep" and self.image_size % 2:
-            raise ValueError(f"model.decoder=deep needs an even model.image_size, got {self.image_size}")
+            raise ConfigError(f"model.decoder=deep needs an even model.image_size, got {self.image_size}")
         if self.arch == "conv_kl":
             f = self.downsample_factor
             if f < 2 or f & (f - 1) or f > 2 ** len(self.channel_mults):
-                raise ValueError(f"model.downsample_factor must be a power of two <= "
+                raise ConfigError(f"model.downsample_factor must be a power of two <= "
                                  f"2**len(model.channel_mults), got {f}")
             if self.image_size % f:
-                raise ValueError(f"model.image_size ({self.image_size}) must be divisible by "
+                raise ConfigError(f"model.image_size ({self.image_size}) must be divisible by "
                                  f"model.downsample_factor ({f})")
 
 
@@ -190,25 +194,25 @@ class VAEDataConfig:
 
     def validate(self) -> None:
         if self.source == "folder" and not self.path:
-            raise ValueError("data.path is required when data.source is 'folder'")
+            raise ConfigError("data.path is required when data.source is 'folder'")
         if self.num_per_env < 1:
-            raise ValueError(f"data.num_per_env must be >= 1, got {self.num_per_env}")
+            raise ConfigError(f"data.num_per_env must be >= 1, got {self.num_per_env}")
         if not 0.0 <= self.holdout_fraction < 1.0:
-            raise ValueError(f"data.holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
+            raise ConfigError(f"data.holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
         if self.subset_size is not None and self.subset_size < 1:
-            raise ValueError(f"data.subset_size must be >= 1 or None, got {self.subset_size}")
+            raise ConfigError(f"data.subset_size must be >= 1 or None, got {self.subset_size}")
         if self.source == "fundus":
             from dualdiff.data.fundus import FUNDUS_ENVIRONMENTS
             envs = self.environments or list(FUNDUS_ENVIRONMENTS)
             bad = [e for e in envs if e not in FUNDUS_ENVIRONMENTS]
             if bad:
-                raise ValueError(f"data.environments: unknown {bad}; choose from {list(FUNDUS_ENVIRONMENTS)}")
+                raise ConfigError(f"data.environments: unknown {bad}; choose from {list(FUNDUS_ENVIRONMENTS)}")
             if self.test_env is not None and self.test_env not in envs:
-                raise ValueError(f"data.test_env {self.test_env!r} is not one of {envs}")
+                raise ConfigError(f"data.test_env {self.test_env!r} is not one of {envs}")
             if self.subset_size is not None:
                 n_in = self.num_per_env - int(self.num_per_env * self.holdout_fraction)
                 if self.subset_size > n_in:
-                    raise ValueError(f"data.subset_size={self.subset_size} is larger than an environment "
+                    raise ConfigError(f"data.subset_size={self.subset_size} is larger than an environment "
                                      f"({n_in} images in its training split)")
 
 
@@ -255,11 +259,11 @@ class VAEConfig:
         for name in ("kl_weight", "y_weight"):
             v = getattr(self, name)
             if not (v >= 0 and math.isfinite(v)):
-                raise ValueError(f"{name} must be a finite float >= 0, got {v}")
+                raise ConfigError(f"{name} must be a finite float >= 0, got {v}")
         if self.loss == "legacy" and self.recon != "bce":
-            raise ValueError("loss=legacy is the original BCE loss: it needs recon=bce")
+            raise ConfigError("loss=legacy is the original BCE loss: it needs recon=bce")
         if self.recon_images < 1 or self.eval_images < 0:
-            raise ValueError(f"recon_images must be >= 1 and eval_images >= 0, got "
+            raise ConfigError(f"recon_images must be >= 1 and eval_images >= 0, got "
                              f"{self.recon_images}, {self.eval_images}")
 
     def anneal_kwargs(self) -> dict[str, Any]:
@@ -269,9 +273,7 @@ class VAEConfig:
     @classmethod
     def from_name(cls, name: str) -> "VAEConfig":
         """A fresh copy of the preset ``name`` (:data:`VAE_PRESETS`)."""
-        if name not in VAE_PRESETS:
-            raise ValueError(f"unknown vae preset {name!r}; choose one of {sorted(VAE_PRESETS)}")
-        return VAE_PRESETS[name]()
+        return from_name(VAE_PRESETS, name, cls.__name__)
 
 
 def _tiny() -> VAEConfig:
@@ -284,9 +286,18 @@ def _tiny() -> VAEConfig:
                      eval_images=128)
 
 
-VAE_PRESETS = {
+def _demo() -> VAEConfig:
+    """The tiny preset writing to ``runs/vae-demo``."""
+    cfg = _tiny()
+    cfg.train.out_dir = "runs/vae-demo"
+    return cfg
+
+
+#: name -> zero-argument function building a fresh config (``preset=NAME``)
+VAE_PRESETS: dict[str, Callable[[], VAEConfig]] = {
     "default": VAEConfig,  # 224², ResNet-50 (weights=None unless model.trunk_weights), the original decoder
     "tiny": _tiny,
+    "demo": _demo,
 }
 
 
@@ -390,43 +401,7 @@ class VAELoss:
 
 
 # ---------------------------------------------------------------------------------------
-# metrics
-
-
-def image_metrics(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-image ``(psnr [B], ssim [B])`` (float32, CPU) of [0, 1] images ``[B, 3, H, W]`` (data
-    range 1), by :mod:`dualdiff.metrics.image` (scikit-image's definitions)."""
-    from dualdiff.metrics.image import psnr, ssim
-
-    pred, target = pred.detach().float(), target.detach().float()
-    return psnr(pred, target, data_range=1.0).float().cpu(), ssim(pred, target, data_range=1.0).float().cpu()
-
-
-def _blur(x: Tensor, sigma: float) -> Tensor:
-    r = max(1, int(math.ceil(3 * sigma)))
-    k = torch.exp(-torch.arange(-r, r + 1, dtype=x.dtype, device=x.device).pow(2) / (2 * sigma ** 2))
-    k = k / k.sum()
-    c = x.shape[1]
-    h = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(F.pad(h, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-
-
-def highpass_error(pred: Tensor, target: Tensor, sigma: float | None = None) -> Tensor:
-    """Per-image relative error in the high-pass band (where vessels live), ``[B]``:
-    ``||HP(pred) - HP(target)||² / ||HP(target)||²`` with ``HP(x) = x - gauss_blur(x, σ)``,
-    σ = S/112 px by default (2 px at 224²). 1 = no fine detail reproduced (a blurry output)."""
-    sigma = sigma if sigma is not None else max(0.5, target.shape[-1] / 112)
-    hp_t = target - _blur(target, sigma)
-    hp_p = pred - _blur(pred, sigma)
-    num = (hp_p - hp_t).pow(2).flatten(1).sum(1)
-    return num / hp_t.pow(2).flatten(1).sum(1).clamp_min(1e-12)
-
-
-def active_units(mu: Tensor, threshold: float = 0.01) -> int:
-    """Latent units with ``Cov_x(E[z|x]) > threshold`` over the rows of ``mu [N, D]`` (Burda et al.)."""
-    if mu.shape[0] < 2:
-        raise ValueError("active_units needs at least 2 samples")
-    return int((mu.float().var(dim=0) > threshold).sum())
+# metrics (dualdiff.metrics.image: image_metrics, highpass_error, active_units)
 
 
 @torch.no_grad()
@@ -495,24 +470,28 @@ def _recon_grid(model: nn.Module, dataset, indices: list[int], device, path: Pat
 # entry points
 
 
-def train_vae(cfg: VAEConfig, out_dir: str | Path, *, resume: str | None = None,
+def train_vae(cfg: VAEConfig, out_dir: str | Path | None = None, *, resume: bool | str | None = None,
               data: tuple | None = None) -> dict[str, Any]:
     """Train one model (module docstring); returns ``{"metrics": ..., "out_dir": ..., "trainer": ...}``.
 
-    ``resume``: None, ``auto`` (newest checkpoint in ``out_dir`` if any) or a checkpoint path.
+    ``out_dir``: the run folder (None: ``train.out_dir``). ``resume`` (None: the ``train.resume``
+    key): ``auto`` / True, ``latest``, a checkpoint path, or False (fresh) —
+    :mod:`dualdiff.experiments.run`.
     ``data``: ``(dataset, DomainSplit, test_env index or None)`` to train on instead of
     ``cfg.data`` (items as :mod:`dualdiff.data.fundus` describes; e.g. the ldm experiment's
     histology tiles for its ``conv_kl`` autoencoder)."""
     from dualdiff.analysis.vae_plots import plot_training
 
-    cfg.validate()
-    out = Path(out_dir)
+    if not isinstance(cfg, VAEConfig):
+        raise TypeError(f"cfg must be a VAEConfig, got {type(cfg).__name__}")
+    cfg = apply_run_flags(cfg, out_dir, resume, presets=VAE_PRESETS)
+    out = Path(cfg.train.out_dir)
+    check_resume(cfg.train.resume, out / "checkpoints")
     ds, split, test_env = data if data is not None else build_vae_data(cfg.data, cfg.model.image_size)
     with torch.random.fork_rng(devices=[]):  # initial weights depend on train.seed only
         torch.manual_seed(derive_seed(cfg.train.seed, "vae-init"))
         model = build_vae_model(cfg.model, len(ds.classes))
-    tcfg = dataclasses.replace(cfg.train, out_dir=str(out), resume=resume if resume is not None else cfg.train.resume)
-    run_cfg = dataclasses.replace(cfg, train=tcfg)
+    tcfg, run_cfg = cfg.train, cfg
     loss = VAELoss(cfg)
     grid_idx = (split.val or split.train)[:cfg.recon_images]
 
@@ -548,41 +527,29 @@ def load_vae_model(path: str | Path, *, ema: bool = True, map_location: Any = "c
     """``(model, config)`` from a checkpoint of :func:`train_vae` (a file, or a run folder: its
     newest checkpoint), e.g. the ``conv_kl`` autoencoder for latent diffusion. Loads with
     ``weights_only=True``, the EMA weights when ``ema`` and present; the model in eval mode."""
-    from dualdiff.config import from_dict
-    from dualdiff.train import CheckpointError, latest_checkpoint, load_checkpoint
-
-    p = Path(path)
-    if p.is_dir():
-        found = latest_checkpoint(p / "checkpoints")
-        if found is None:
-            raise FileNotFoundError(f"no checkpoint under {str(p / 'checkpoints')!r}")
-        p = found
-    state = load_checkpoint(p, map_location=map_location)
-    run = state.get("run_config")
-    if not run or "model" not in run:
-        raise CheckpointError(f"checkpoint {str(p)!r} has no vae run config: was it written by train_vae?")
-    cfg = from_dict(VAEConfig, run)
-    weights = state["ema"]["model"] if ema and state.get("ema") else state["model"]
+    run = load_run(path, VAEConfig, writer="train_vae", map_location=map_location)
+    weights = run.state["ema"]["model"] if ema and run.state.get("ema") else run.state["model"]
     n_cls = weights["classifier.weight"].shape[0] if "classifier.weight" in weights else 5
-    model = build_vae_model(cfg.model, n_cls)
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {str(p)!r} does not fit the model its config describes: {e}") from e
-    return model.eval(), cfg
+    model = load_weights(build_vae_model(run.config.model, n_cls), run, ema=ema)
+    return model.eval(), run.config
 
 
-def loo_vae(cfg: VAEConfig, out_dir: str | Path, *, resume: str | None = None) -> dict[str, dict]:
-    """Leave-one-domain-out: one model per held-out environment under ``out_dir/<env>/``;
-    writes ``loo.json`` ({env: test/val accuracy and recon metrics}) and ``loo.png``."""
+def loo_vae(cfg: VAEConfig, out_dir: str | Path | None = None, *,
+            resume: bool | str | None = None) -> dict[str, dict]:
+    """Leave-one-domain-out: one model per held-out environment under ``out_dir/<env>/``
+    (``out_dir`` None: ``train.out_dir``; ``resume`` applies to each run, as in
+    :func:`train_vae`); writes ``loo.json`` ({env: test/val accuracy and recon metrics}) and
+    ``loo.png``."""
     from dualdiff.analysis.vae_plots import plot_loo
 
-    out = Path(out_dir)
+    cfg = apply_run_flags(cfg, out_dir, resume, presets=VAE_PRESETS)
+    out = Path(cfg.train.out_dir)
     envs = _environment_names(cfg.data)
     summary: dict[str, dict] = {}
     for env in envs:
-        c = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, test_env=env))
-        res = train_vae(c, out / env, resume=resume)["metrics"]
+        c = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, test_env=env),
+                                train=dataclasses.replace(cfg.train, out_dir=str(out / env)))
+        res = train_vae(c)["metrics"]
         summary[env] = {"test_accuracy": res["test"].get("accuracy"), "val_accuracy": res["val"].get("accuracy"),
                         "test_psnr": res["test"]["psnr"], "val_psnr": res["val"]["psnr"]}
     (out / "loo.json").write_text(json.dumps(summary, indent=2))
@@ -593,18 +560,20 @@ def loo_vae(cfg: VAEConfig, out_dir: str | Path, *, resume: str | None = None) -
 SWEEP_KL_WEIGHTS = (5e-5, 1e-4, 5e-4)
 
 
-def sweep_vae(cfg: VAEConfig, out_dir: str | Path, *, kl_weights=SWEEP_KL_WEIGHTS,
-              resume: str | None = None) -> dict[str, dict]:
+def sweep_vae(cfg: VAEConfig, out_dir: str | Path | None = None, *, kl_weights=SWEEP_KL_WEIGHTS,
+              resume: bool | str | None = None) -> dict[str, dict]:
     """One run per kl_weight under ``out_dir/kl_<w>/``; writes ``sweep.json`` (validation
     metrics per weight) and ``sweep.png``. A larger weight blurs more (lower PSNR, higher
     high-pass error, fewer active units) — the opposite of the seed's troubleshooting advice."""
     from dualdiff.analysis.vae_plots import plot_sweep
 
-    out = Path(out_dir)
+    cfg = apply_run_flags(cfg, out_dir, resume, presets=VAE_PRESETS)
+    out = Path(cfg.train.out_dir)
     summary: dict[str, dict] = {}
     for w in kl_weights:
-        c = dataclasses.replace(cfg, kl_weight=float(w))
-        res = train_vae(c, out / f"kl_{w:g}", resume=resume)["metrics"]
+        c = dataclasses.replace(cfg, kl_weight=float(w),
+                                train=dataclasses.replace(cfg.train, out_dir=str(out / f"kl_{w:g}")))
+        res = train_vae(c)["metrics"]
         summary[f"{w:g}"] = res["val"]
     (out / "sweep.json").write_text(json.dumps(summary, indent=2))
     plot_sweep(summary, out / "sweep.png")
@@ -639,10 +608,11 @@ def plot_vae(out_dir: str | Path) -> list[Path]:
     return written
 
 
-def demo_vae(out_dir: str | Path = "runs/vae-demo", cfg: VAEConfig | None = None) -> dict[str, Any]:
-    """Train the tiny preset on the embedded fundus set (a few CPU minutes); returns train_vae's
-    result plus ``table``: rows (step, beta, recon, kl, ce, loss) of the logged steps."""
-    cfg = cfg or VAEConfig.from_name("tiny")
+def demo_vae(out_dir: str | Path | None = None, cfg: VAEConfig | None = None) -> dict[str, Any]:
+    """Train the ``demo`` preset (tiny, into ``runs/vae-demo``) on the embedded fundus set (a few
+    CPU minutes); returns train_vae's result plus ``table``: rows (step, beta, recon, kl, ce,
+    loss) of the logged steps."""
+    cfg = cfg or VAEConfig.from_name("demo")
     res = train_vae(cfg, out_dir)
     hist = res["trainer"].history
     res["table"] = [{k: r.get(k) for k in ("step", "beta", "recon", "kl", "ce", "loss")} for r in hist
