@@ -9,6 +9,13 @@ Optional test libraries (diffusers, monai, pytorch-fid, torchvision, nibabel, ..
 by the tests that need them through the ``require`` fixture: a missing one skips those tests,
 except under ``CI=true``, where it fails them (CI installs ``.[test]``, so a missing library there
 is a broken environment, not a reason to skip).
+
+Fused-op backends are asked for through :func:`require_backend` (``from conftest import
+require_backend`` or the ``require_backend`` fixture), never by an ad-hoc skip: a backend that is
+built but unusable (its probe launch fails) always FAILS; one that is not built fails where it
+must exist -- under ``CI=true`` the ``cpp`` backend and, on a CPU-only CI runner, ``triton`` on the
+CPU (the interpreter); on a GPU host (``torch.cuda.is_available()``) ``cuda`` and ``triton`` on the
+GPU -- and skips elsewhere.
 """
 from __future__ import annotations
 
@@ -26,13 +33,57 @@ if not torch.cuda.is_available():
 
 def require(module: str) -> types.ModuleType:
     """Import ``module`` for a test: skip the test when it is missing, fail it under ``CI=true``."""
-    if os.environ.get("CI", "").lower() == "true":
+    if _on_ci():
         try:
             return importlib.import_module(module)
         except ImportError as exc:
             pytest.fail(f"CI=true and the test dependency {module!r} is missing ({exc}); "
                         "install the test extra: pip install '.[test]'", pytrace=False)
     return pytest.importorskip(module)
+
+
+def _on_ci() -> bool:
+    return os.environ.get("CI", "").lower() == "true"
+
+
+def backend_must_work(name: str, device_type: str) -> bool:
+    """Whether backend ``name`` must be usable for ``device_type`` tensors on this machine (the
+    rule in the module docstring)."""
+    if name == "torch":
+        return True
+    if device_type == "cuda":
+        return torch.cuda.is_available() and name in ("cuda", "triton")
+    if device_type == "cpu" and _on_ci():
+        return name == "cpp" or (name == "triton" and not torch.cuda.is_available())
+    return False
+
+
+def require_backend(name: str, device: str | torch.device = "cpu") -> None:
+    """Return when backend ``name`` is usable for tensors on ``device``; otherwise FAIL the test
+    when the backend is built but its probe fails, or when this machine must have it
+    (:func:`backend_must_work`), and skip it only where it legitimately cannot run."""
+    from dualdiff import _backend
+
+    device_type = torch.device(device).type
+    if device_type == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU; run on the device machine")
+    ok, why = _backend.backend_status(name, device)
+    if ok:
+        return
+    built, _ = _backend._static_status(name, device_type)
+    if built:
+        pytest.fail(f"backend {name!r} is built for {device_type} but unusable: {why}", pytrace=False)
+    if backend_must_work(name, device_type):
+        where = "CI=true" if _on_ci() and device_type == "cpu" else "a GPU host"
+        pytest.fail(f"backend {name!r} must be usable for {device_type} tensors on {where}, but: {why}",
+                    pytrace=False)
+    pytest.skip(f"backend {name!r} not available for {device_type} here: {why}")
+
+
+@pytest.fixture(name="require_backend")
+def require_backend_fixture() -> Callable[..., None]:
+    """``require_backend("cpp")`` / ``require_backend("cuda", "cuda")`` inside a test."""
+    return require_backend
 
 
 @pytest.fixture(name="require")

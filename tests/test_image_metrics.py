@@ -5,7 +5,9 @@ import torch
 
 from dualdiff.metrics.image import dice_at_threshold, mae, psnr, ravd, ssim
 
-skm = pytest.importorskip("skimage.metrics")
+from tests.conftest import require  # noqa: E402
+
+skm = require("skimage.metrics")  # a skip without scikit-image; a failure under CI=true
 
 
 def _pair(b=3, c=3, h=17, w=23, seed=0):

@@ -55,9 +55,9 @@ def test_matches_bruteforce_on_toy_like_data():
     assert kldiv(blob, ring) == pytest.approx(kldiv_bruteforce(blob, ring, 5), rel=1e-12)
 
 
-def test_matches_sklearn_chebyshev_tree():
+def test_matches_sklearn_chebyshev_tree(require):
     """npeet's own route: sklearn KDTree with the Chebyshev metric."""
-    sk = pytest.importorskip("sklearn.neighbors")
+    sk = require("sklearn.neighbors")
     rng = np.random.default_rng(11)
     x = rng.normal(size=(2000, 2))
     xp = rng.standard_t(5, size=(1500, 2))

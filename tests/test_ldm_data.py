@@ -22,8 +22,8 @@ def test_class_distribution_of_hand_made_masks():
         class_distribution(torch.zeros(3, 3), 5)
 
 
-def test_rgb_to_hed_matches_scikit_image_and_rule_classes():
-    skcolor = pytest.importorskip("skimage.color")
+def test_rgb_to_hed_matches_scikit_image_and_rule_classes(require):
+    skcolor = require("skimage.color")
     x = torch.rand(2, 3, 6, 7)
     ref = np.stack([skcolor.rgb2hed(i.permute(1, 2, 0).double().numpy()) for i in x])
     np.testing.assert_allclose(rgb_to_hed(x).permute(0, 2, 3, 1).numpy(), ref, atol=1e-5)

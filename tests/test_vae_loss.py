@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 
 import dualdiff.ops.vae as V
-from dualdiff._backend import BackendUnavailableError, backend_status
+from dualdiff._backend import BackendUnavailableError
 from dualdiff.ops.vae import gaussian_kl, gaussian_kl_reference, vae_loss, vae_loss_reference
 from dualdiff.testing import assert_close_lowp, forced_backend, poisoned_empty
+from tests.conftest import require_backend
 
 HAS_CUDA = torch.cuda.is_available()
 cuda_only = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
@@ -268,8 +269,7 @@ def test_unaligned_pointers_gpu(backend):
 
 # ------------------------------------------------------------------------ dispatch, layout, compile
 def test_auto_backend_on_cpu_is_cpp_when_built():
-    if not backend_status("cpp", "cpu")[0]:
-        pytest.skip("dualdiff._C not built")
+    require_backend("cpp")  # a failure, not a skip, where the extension must be built (CI)
     assert V.select_backend("vae_loss", torch.device("cpu"), V.SUPPORTED, V.PREFER) == "cpp"
 
 
@@ -349,8 +349,7 @@ def test_compile_annealed_kl_weight_does_not_recompile_each_step(backend):
 
 
 def test_compile_inductor_cpp():
-    if not backend_status("cpp", "cpu")[0]:
-        pytest.skip("dualdiff._C not built")
+    require_backend("cpp")  # a failure, not a skip, where the extension must be built (CI)
     torch._dynamo.reset()
     logits, x, mu, logvar = _inputs((2, 3, 6, 5), 4)
 

@@ -5,18 +5,19 @@ import warnings
 import pytest
 import torch
 
-from dualdiff._backend import BackendUnavailableError, backend_status
+from dualdiff._backend import BackendUnavailableError
 from dualdiff.ops.weighted_dice import weighted_dice_loss, weighted_dice_loss_reference
 from dualdiff.testing import assert_close_lowp, forced_backend
+from tests.conftest import require, require_backend
 
 SHAPES = [(1, 1, 7, 5), (2, 3, 5, 7), (3, 4, 9, 13), (2, 2, 3, 5, 4), (1, 3, 33, 65)]
 CPU_BACKENDS = ["torch", "cpp", "triton"]
 
 
 def _usable(backend, device="cpu"):
-    ok, why = backend_status(backend, device)
-    if not ok:
-        pytest.skip(why)
+    """Fails, not skips, a backend that is built but broken or that this machine must have
+    (tests/conftest.py: require_backend)."""
+    require_backend(backend, device)
 
 
 def _inputs(shape, *, dtype=torch.float32, tdtype=torch.float32, device="cpu", weight="b"):
@@ -389,7 +390,7 @@ SMS = [1, 4, 132, 1024]
 def test_triton_launch_plan_stays_within_grid_limits(activation):
     """Every axis within its limit; the forward chunks and the backward tiles cover S exactly
     once; capped axes are covered by the kernels' grid-stride loops (>= 1 program each)."""
-    pytest.importorskip("triton")
+    require("triton")
     from dualdiff.kernels.weighted_dice import ACT_SIGMOID, ACT_SOFTMAX, MAX_SOFTMAX_C, launch_plan
 
     act = ACT_SOFTMAX if activation == "softmax" else ACT_SIGMOID
@@ -412,7 +413,7 @@ def test_triton_launch_plan_stays_within_grid_limits(activation):
 
 def test_triton_grid_regressions():
     """The shapes of issue 10: B*C > 65 535 rows used to land on grid axis 1."""
-    pytest.importorskip("triton")
+    require("triton")
     from dualdiff.kernels.weighted_dice import ACT_SIGMOID, launch_plan
 
     p = launch_plan(1, 70000, 5, ACT_SIGMOID, 132)
@@ -453,7 +454,7 @@ def test_gpu_launches_run_on_the_tensors_device(monkeypatch):
     current, the cuda kernels get cuda:1's current stream, and cuda:0 is current again after.
     No GPU needed: torch.cuda.device / current_stream / get_device_properties and the kernels are
     stand-ins that record what they see; the tensors are fake tensors on cuda:1."""
-    pytest.importorskip("triton")
+    require("triton")
     from types import SimpleNamespace
 
     from torch._subclasses.fake_tensor import FakeTensorMode
