@@ -192,7 +192,8 @@ void launch(std::uintptr_t t0, std::int64_t st0, int code0, std::uintptr_t t1, s
                                   "): " + cudaGetErrorString(err));
     }
   }
-  const int grid = (B + kRows - 1) / kRows;
+  // in int64: (B + kRows - 1) in int would wrap for 2^31 - kRows < B < 2^31 (accepted below)
+  const int grid = static_cast<int>((static_cast<int64_t>(B) + kRows - 1) / kRows);
   kernel<<<grid, kThreads, smem, stream>>>(
       reinterpret_cast<const void*>(t0), st0, code0, reinterpret_cast<const void*>(t1), st1, code1,
       ptr<const float>(freqs), ptr<const W>(w[0]), ptr<const W>(w[1]), ptr<const W>(w[2]),

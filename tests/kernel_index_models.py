@@ -455,10 +455,11 @@ TE_ROWS, TE_COLS, TE_THREADS = 8, 4, 256   # csrc/timestep_embedding.cu kRows, k
 
 
 def te_launch_grid_int32(B: int, bugs=frozenset()) -> int:
-    """``const int grid = (B + kRows - 1) / kRows`` (.cu line 195) in the kernel's int (32-bit,
-    wrapping) arithmetic, for B the launcher accepts (0 < B < 2^31, line 215)."""
+    """``grid = int((int64(B) + kRows - 1) / kRows)`` (.cu, launch()) for B the launcher accepts
+    (0 < B < 2^31). Bug "int32_grid": the sum in 32-bit int (wraps for B > 2^31 - kRows), as the
+    .cu had it before 2026-12-07."""
     s = np.int64(B) + TE_ROWS - 1
-    if "int64_grid" not in bugs:  # the .cu computes in int
+    if "int32_grid" in bugs:
         s = np.int64(np.array(s).astype(np.int32))
     return int(s // TE_ROWS) if s >= 0 else -int((-s) // TE_ROWS)
 

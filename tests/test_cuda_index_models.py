@@ -405,9 +405,9 @@ def test_te_grid_rows_and_scratch_slices(B, fd, hd):
         assert _exactly_once(rows, B, "rows") == []
 
 
-@pytest.mark.xfail(strict=True, reason="csrc/timestep_embedding.cu line 195 computes (B + kRows - 1) / kRows "
-                                       "in int: it overflows for 2^31 - 8 < B < 2^31, which line 215 accepts")
 def test_te_grid_at_the_int32_edge():
-    B = 2**31 - 1
-    assert M.te_launch_grid_int32(B, frozenset({"int64_grid"})) == te.cuda_grid(B)  # the fixed arithmetic
-    assert M.te_launch_grid_int32(B) == te.cuda_grid(B)
+    """csrc/timestep_embedding.cu computed (B + kRows - 1) / kRows in int, which wrapped for
+    2^31 - 8 < B < 2^31 (accepted by the launcher); it now sums in int64."""
+    for B in (2**31 - 1, 2**31 - 8, 2**31 - 7, 1):
+        assert M.te_launch_grid_int32(B) == te.cuda_grid(B)
+    assert M.te_launch_grid_int32(2**31 - 1, frozenset({"int32_grid"})) != te.cuda_grid(2**31 - 1)
