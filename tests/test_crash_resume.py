@@ -17,15 +17,21 @@ if sys.platform == "win32":  # pragma: no cover
     pytest.skip("SIGKILL crash tests need a POSIX system", allow_module_level=True)
 
 
+# 4 fresh Python processes (each imports torch): ~10 s on an idle 2-core machine, 47 s at
+# load 7, hence slow; the in-process tests in test_checkpoint.py cover each repair path
+@pytest.mark.slow
 def test_tiny_trainer_killed_mid_log_and_mid_checkpoint_resumes_bitwise(tmp_path):
     res = crash_and_resume(tiny_command(6), tmp_path)
     assert_same_final_state(res.baseline_dir, res.crash_dir)
-    # the comparison can fail: a run with another seed is not "the same"
-    other = tmp_path / "other"
-    from crash_harness import run_child
-    proc = run_child(tiny_command(6, "seed=1"), other)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert compare_final_state(res.baseline_dir, other)
+    # the comparison can fail: one ulp in one Adam moment of the final checkpoint is found
+    import torch
+    final = sorted((res.crash_dir / "checkpoints").glob("step_*.pt"))[-1]
+    state = torch.load(final, weights_only=True)
+    m = state["optimizer"]["state"][0]["exp_avg"].view(-1)
+    m[0] = torch.nextafter(m[0], torch.tensor(float("inf")))
+    torch.save(state, final)
+    diffs = compare_final_state(res.baseline_dir, res.crash_dir)
+    assert len(diffs) == 1 and "optimizer.state.0.exp_avg" in diffs[0], diffs
 
 
 # Every experiment's own CLI, shrunk to a few steps (4 subprocesses each: minutes under load).

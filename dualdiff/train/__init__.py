@@ -11,9 +11,9 @@ contract), :mod:`~dualdiff.train.state` (RNG state, config snapshots),
 :mod:`~dualdiff.train.trainer` (the loop's behaviour), plus checkpoint, ema, metrics_log and
 distributed.
 """
-from dualdiff.train.checkpoint import (CheckpointError, atomic_save, latest_checkpoint,
-                                       list_checkpoints, load_checkpoint, resolve_checkpoint,
-                                       save_checkpoint)
+from dualdiff.train.checkpoint import (CheckpointError, atomic_save, find_resumable,
+                                       latest_checkpoint, list_checkpoints, load_checkpoint,
+                                       remove_stale_tmp, resolve_checkpoint, save_checkpoint)
 from dualdiff.train.config import NonFiniteLossError, TrainConfig
 from dualdiff.train.data import ResumableBatchSampler
 from dualdiff.train.distributed import (cleanup_distributed, get_rank, get_world_size,
@@ -28,7 +28,7 @@ __all__ = [
     "build_optimizer", "build_scheduler", "resolve_amp",
     "EMA", "unwrap_model",
     "CheckpointError", "atomic_save", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
-    "list_checkpoints", "resolve_checkpoint",
+    "list_checkpoints", "resolve_checkpoint", "find_resumable", "remove_stale_tmp",
     "MetricsLogger", "read_jsonl",
     "init_distributed", "cleanup_distributed", "get_rank", "get_world_size", "is_main_process",
 ]
