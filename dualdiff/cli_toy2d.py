@@ -73,4 +73,6 @@ def register_toy2d_commands(subparsers) -> argparse.ArgumentParser:
     plot.add_argument("--out-dir", default=DEFAULT_OUT_DIR, metavar="DIR",
                       help=f"the grid's output folder (default {DEFAULT_OUT_DIR})")
     plot.set_defaults(func=_plot)
+    from dualdiff.experiments.toy2d_study import register_toy2d_study  # dualdiff toy2d study
+    register_toy2d_study(sub)
     return toy
