@@ -23,6 +23,7 @@ def _auto(monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
     monkeypatch.setitem(wd.AUTO_MIN_NUMEL, "cpu", {"cpp": THRESHOLD})
     monkeypatch.setitem(vae_ops.AUTO_MIN_NUMEL, "cpu", {"cpp": THRESHOLD})
+    monkeypatch.setitem(vae_ops.KL_AUTO_MIN_NUMEL, "cpu", {"cpp": THRESHOLD})
 
 
 @pytest.fixture
@@ -159,21 +160,11 @@ def test_vae_forcing_still_forces(vae_calls, monkeypatch):
     assert vae_calls == ["torch"]
 
 
-def test_shipped_thresholds_are_consistent():
-    """The measured constants: auto switches to cpp exactly at the CPU threshold; CUDA is
-    always fused (unmeasured); the timestep embedding has no CPU kernel (auto = torch)."""
-    for mod in (wd, vae_ops):
-        assert mod.AUTO_MIN_NUMEL_CUDA == 0
-        assert set(mod.AUTO_MIN_NUMEL["cuda"].values()) == {0}
-    # the autouse fixture patched the dicts; the module constants are the shipped values
-    for mod in (wd, vae_ops):
-        n = mod.AUTO_MIN_NUMEL_CPU
-        table = {"cpu": {"cpp": n}}
-        assert select_by_size("cpp", "cpu", None, max(n, 1), table) == "cpp"
-        if n > 1:
-            assert select_by_size("cpp", "cpu", None, n - 1, table) == "torch"
-    assert te.auto_backend(64, "cpu") == "torch"
+def test_cuda_thresholds_are_unmeasured_so_always_fused():
+    for table in (wd.AUTO_MIN_NUMEL, vae_ops.AUTO_MIN_NUMEL, vae_ops.KL_AUTO_MIN_NUMEL):
+        assert set(table["cuda"].values()) == {0}
     assert not any(te.AUTO_MIN_BATCH["cuda"].values())
+    assert te.auto_backend(64, "cpu") == "torch"  # no CPU kernel for the timestep embedding
 
 
 def test_dice_compile_fullgraph_follows_the_size(dice_calls):
@@ -215,3 +206,23 @@ def test_vae_compile_fullgraph_follows_the_size(vae_calls):
         # the fused forward runs inside the compiled graph (recorded); the reference is traced
         # into the graph, so its Python spy is not called at run time
         assert ("cpp" in vae_calls) == (shape[2] == 16), (shape, vae_calls)
+
+
+def test_shipped_cpu_thresholds_in_the_real_ops(vae_calls, dice_calls, monkeypatch):
+    """With the shipped tables: vae_loss's reference below AUTO_MIN_NUMEL_CPU image elements,
+    cpp from there; gaussian_kl likewise at KL_AUTO_MIN_NUMEL_CPU; Dice always cpp."""
+    monkeypatch.setitem(vae_ops.AUTO_MIN_NUMEL, "cpu", {"cpp": vae_ops.AUTO_MIN_NUMEL_CPU})
+    monkeypatch.setitem(vae_ops.KL_AUTO_MIN_NUMEL, "cpu", {"cpp": vae_ops.KL_AUTO_MIN_NUMEL_CPU})
+    monkeypatch.setitem(wd.AUTO_MIN_NUMEL, "cpu", {"cpp": wd.AUTO_MIN_NUMEL_CPU})
+    n = vae_ops.AUTO_MIN_NUMEL_CPU
+    for numel, expect in ((n - 1, "torch"), (n, "cpp")):
+        args = _vae_inputs((1, numel))
+        vae_calls.clear()
+        vae_ops.vae_loss(*args)[0].backward()
+        assert vae_calls == [expect], numel
+    k = vae_ops.KL_AUTO_MIN_NUMEL_CPU
+    assert vae_ops.auto_backend(k - 1, "cpu", "gaussian_kl") == "torch"
+    assert vae_ops.auto_backend(k, "cpu", "gaussian_kl") == "cpp"
+    x, t, w = _dice_inputs(1, 1, 2, 2)
+    wd.weighted_dice_loss(x, t, w).backward()
+    assert dice_calls == ["cpp"]

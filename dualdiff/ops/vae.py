@@ -35,12 +35,24 @@ SUPPORTED = ("triton", "cuda", "cpp", "torch")
 PREFER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
 
 # auto's size rule (dualdiff._backend.select_by_size): below AUTO_MIN_NUMEL[device][backend]
-# elements (vae_loss: recon_logits.numel(); gaussian_kl: mu.numel()) auto runs the torch reference
-# instead; 0 = always fused. Forced backends are never overridden.
-AUTO_MIN_NUMEL_CPU = 0
-AUTO_MIN_NUMEL_CUDA = 0  # unmeasured on a GPU: always fused (benchmarks/bench_vae_loss.py)
+# elements of recon_logits (vae_loss) / KL_AUTO_MIN_NUMEL[device][backend] elements of mu
+# (gaussian_kl) auto runs the torch reference instead; 0 = always fused. Forced backends are never
+# overridden. CPU crossovers, measured 2026-12-07 on the 2-core AMD EPYC (Zen 5), 1 torch thread,
+# forward + backward, cpp vs torch alternating, median of 25 rounds (t_torch / t_cpp; the machine
+# was loaded, load average 10-12, so each size was measured twice):
+#   vae_loss (latent [B, 32]):  16 el. 0.98x / 1.02x, 64 el. 0.98x, 192 el. 1.22x, 384 el. 1.16x /
+#       1.01x (1.09x at load ~1), 768 el. 1.06x, 3072 el. 1.39x / 1.47x, 196608 el. 4.3x-15x.
+#       Below 128 elements the fused op gains nothing (its custom-op dispatch costs what the
+#       reference's few small ops do): torch there.
+#   gaussian_kl:  512 el. 0.91x / 1.02x, 4096 el. 0.87x, 8192 el. 1.02x / 1.06x, 16384 el. 1.30x,
+#       32768 el. 1.16x, 65536 el. 1.46x / 5.4x: cpp from 16384 latent elements.
+AUTO_MIN_NUMEL_CPU = 128
+KL_AUTO_MIN_NUMEL_CPU = 16384
+AUTO_MIN_NUMEL_CUDA = 0  # unmeasured on a GPU: always fused (measure with benchmarks/bench_vae_loss.py)
 AUTO_MIN_NUMEL = {"cpu": {"cpp": AUTO_MIN_NUMEL_CPU},
                   "cuda": {"triton": AUTO_MIN_NUMEL_CUDA, "cuda": AUTO_MIN_NUMEL_CUDA}}
+KL_AUTO_MIN_NUMEL = {"cpu": {"cpp": KL_AUTO_MIN_NUMEL_CPU},
+                     "cuda": {"triton": AUTO_MIN_NUMEL_CUDA, "cuda": AUTO_MIN_NUMEL_CUDA}}
 
 
 # ----------------------------------------------------------------------------- reference
@@ -317,8 +329,8 @@ def _check_reduction(reduction: object) -> None:
 def auto_backend(numel: int, device: torch.device | str, op: str = "vae_loss") -> str:
     """The backend ``op`` (vae_loss | gaussian_kl) runs (``DUALDIFF_BACKEND`` honoured, else
     auto's choice) for ``numel`` elements (vae_loss: of recon_logits; gaussian_kl: of mu)."""
-    return select_by_size(select_backend(op, device, SUPPORTED, PREFER, None), device, None, numel,
-                          AUTO_MIN_NUMEL)
+    table = KL_AUTO_MIN_NUMEL if op == "gaussian_kl" else AUTO_MIN_NUMEL
+    return select_by_size(select_backend(op, device, SUPPORTED, PREFER, None), device, None, numel, table)
 
 
 def gaussian_kl(mu: Tensor, logvar: Tensor, *, reduction: str = "mean",
@@ -340,7 +352,7 @@ def gaussian_kl(mu: Tensor, logvar: Tensor, *, reduction: str = "mean",
     check_same_device({"mu": mu, "logvar": logvar})
     _check_reduction(reduction)
     name = select_by_size(select_backend("gaussian_kl", mu.device, SUPPORTED, PREFER, backend),
-                          mu.device, backend, mu.numel(), AUTO_MIN_NUMEL)
+                          mu.device, backend, mu.numel(), KL_AUTO_MIN_NUMEL)
     if name == "torch":
         return gaussian_kl_reference(mu, logvar, reduction)
     return _gaussian_kl_fwd(mu.contiguous(), logvar.contiguous(), reduction, name)

@@ -69,8 +69,16 @@ _SOFTMAX_MAX_C = {"cuda": CUDA_SOFTMAX_MAX_C, "triton": TRITON_SOFTMAX_MAX_C}
 # auto's size rule (dualdiff._backend.select_by_size): below AUTO_MIN_NUMEL[device][backend]
 # input elements (B * C * spatial) auto runs the torch reference instead; 0 = always fused.
 # Forced backends are never overridden.
+# CPU: no crossover found, so always cpp. Measured 2026-12-07 on the 2-core AMD EPYC (Zen 5),
+# 1 torch thread, sigmoid + squared_pred with a [B, C] weight, forward + backward plus the
+# no-grad forward of the tadiff loss, cpp vs torch alternating, median of 15-25 rounds
+# (t_torch / t_cpp): 16 el. 8.4x, 512 el. 2.65x / 3.5x, 4096 el. 2.64x, 8192 el. 2.6x,
+# 32768 el. (the tadiff tiny step's [8, 4, 32, 32]) 2.74x / 2.56x, 262144 el. 3.5x,
+# 2359296 el. (tadiff default [16, 4, 192, 192]) 6.2x. With 2 threads on the loaded machine the
+# small sizes scattered from 0.2x to 2.5x between repeats (the kernels' OpenMP region waits for
+# a descheduled thread; ATen's small ops stay single-threaded): not a stable crossover.
 AUTO_MIN_NUMEL_CPU = 0
-AUTO_MIN_NUMEL_CUDA = 0  # unmeasured on a GPU: always fused (benchmarks/bench_weighted_dice.py)
+AUTO_MIN_NUMEL_CUDA = 0  # unmeasured on a GPU: always fused (measure with benchmarks/bench_weighted_dice.py)
 AUTO_MIN_NUMEL = {"cpu": {"cpp": AUTO_MIN_NUMEL_CPU},
                   "cuda": {"triton": AUTO_MIN_NUMEL_CUDA, "cuda": AUTO_MIN_NUMEL_CUDA}}
 
