@@ -52,7 +52,8 @@ from dualdiff.train import TrainConfig, Trainer
 from dualdiff.utils.seed import derive_seed
 
 __all__ = ["ANNEAL_SCHEDULES", "LEGACY_WEIGHT", "kl_anneal_weight", "VAEModelConfig", "VAEDataConfig",
-           "VAEConfig", "VAE_PRESETS", "VAELoss", "build_vae_model", "build_vae_data", "evaluate_vae",
+           "VAEConfig", "VAE_PRESETS", "VAELoss", "build_vae_model", "build_vae_data", "eval_selection",
+           "evaluate_vae",
            "train_vae", "load_vae_model", "loo_vae", "sweep_vae", "plot_vae", "demo_vae", "image_metrics",
            "highpass_error", "active_units"]
 
@@ -228,7 +229,8 @@ class VAEConfig:
     convention), ``anneal`` none | linear | cyclical with ``anneal_start``, ``anneal_end``,
     ``anneal_total_steps``, ``anneal_cycles``, ``anneal_ratio`` (:func:`kl_anneal_weight`).
     ``loss_backend``: vae_loss backend (None = auto). ``recon_images``: images per grid.
-    ``eval_images``: validation / test images used for the metrics (0 = all). ``plots``: draw
+    ``eval_images``: validation / test images used for the metrics (0 = all; fewer than
+    held out: a seeded subset stratified by class and environment, :func:`eval_selection`). ``plots``: draw
     ``training.png`` at the end (the PNG grids are always written)."""
     model: VAEModelConfig = field(default_factory=VAEModelConfig)
     data: VAEDataConfig = field(default_factory=VAEDataConfig)
@@ -404,17 +406,55 @@ class VAELoss:
 # metrics (dualdiff.metrics.image: image_metrics, highpass_error, active_units)
 
 
+def eval_selection(dataset, indices: list[int], max_images: int = 0, *, seed: int = 0) -> list[int]:
+    """The items of ``indices`` a metric is computed on: all of them when ``max_images`` is 0 or
+    at least ``len(indices)``, else a seeded subset of ``max_images`` stratified by (class,
+    environment): each (class, env) group of the held-out images gets its proportional share
+    (largest remainder; ties to the larger group, then the earlier one), drawn by a permutation
+    seeded by ``(seed, class, env)``. Needs the dataset's ``labels`` / ``env_labels`` arrays;
+    without them, a seeded uniform subset. Returned in increasing order.
+
+    (Split indices come grouped — a test environment in class-folder order, validation sorted by
+    environment — so the first ``max_images`` would score one class or one environment.)"""
+    idx = [int(i) for i in indices]
+    if not max_images or max_images >= len(idx):
+        return sorted(idx)
+    labels = getattr(dataset, "labels", None)
+    envs = getattr(dataset, "env_labels", None)
+    if labels is None or envs is None:
+        rng = np.random.default_rng(derive_seed(seed, "eval-subset"))
+        return sorted(np.asarray(idx)[rng.permutation(len(idx))[:max_images]].tolist())
+    labels, envs = np.asarray(labels), np.asarray(envs)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i in idx:
+        groups.setdefault((int(labels[i]), int(envs[i])), []).append(i)
+    keys = sorted(groups)
+    exact = {k: max_images * len(groups[k]) / len(idx) for k in keys}
+    quota = {k: int(math.floor(exact[k])) for k in keys}
+    left = max_images - sum(quota.values())
+    for k in sorted(keys, key=lambda k: (-(exact[k] - quota[k]), -len(groups[k]), k))[:left]:
+        quota[k] += 1
+    chosen: list[int] = []
+    for k in keys:
+        members = np.asarray(sorted(groups[k]))
+        rng = np.random.default_rng(derive_seed(seed, "eval-subset", k[0], k[1]))
+        chosen += members[rng.permutation(len(members))[:quota[k]]].tolist()
+    return sorted(chosen)
+
+
 @torch.no_grad()
 def evaluate_vae(model: nn.Module, dataset, indices: list[int], *, device: torch.device | str = "cpu",
-                 batch_size: int = 32, max_images: int = 0) -> dict[str, Any]:
+                 batch_size: int = 32, max_images: int = 0, seed: int = 0) -> dict[str, Any]:
     """Reconstruction and classifier metrics on ``dataset[indices]`` (eval mode, z = mu).
 
-    Returns ``psnr``, ``ssim``, ``highpass_rel_error``, ``recon_bce`` (means), ``active_units``,
-    ``latent_dim``, ``accuracy`` and ``accuracy_per_env`` ({name: acc}) when the model classifies,
-    ``n``."""
-    idx = list(indices) if not max_images else list(indices)[:max_images]
+    ``max_images`` (0 = all) caps the images scored by :func:`eval_selection` (stratified by
+    class and environment, seeded by ``seed``); per-environment accuracies come from the same
+    images. Returns ``psnr``, ``ssim``, ``highpass_rel_error``, ``recon_bce`` (means),
+    ``active_units``, ``latent_dim``, ``accuracy`` and ``accuracy_per_env`` ({name: acc}) when
+    the model classifies, ``n`` (images scored) and ``n_available``."""
+    idx = eval_selection(dataset, indices, max_images, seed=seed)
     if not idx:
-        return {"n": 0}
+        return {"n": 0, "n_available": 0}
     was = model.training
     model.eval()
     ps, ss, hp, bce, mus, correct, envs = [], [], [], [], [], [], []
@@ -437,7 +477,7 @@ def evaluate_vae(model: nn.Module, dataset, indices: list[int], *, device: torch
     finally:
         model.train(was)
     mu_all = torch.cat(mus)
-    out: dict[str, Any] = {"n": len(idx), "psnr": float(torch.cat(ps).mean()), "ssim": float(torch.cat(ss).mean()),
+    out: dict[str, Any] = {"n": len(idx), "n_available": len(indices), "psnr": float(torch.cat(ps).mean()), "ssim": float(torch.cat(ss).mean()),
                            "highpass_rel_error": float(torch.cat(hp).mean()),
                            "recon_bce": float(torch.cat(bce).mean()),
                            "active_units": active_units(mu_all) if len(mu_all) > 1 else None,
@@ -493,12 +533,12 @@ def train_vae(cfg: VAEConfig, out_dir: str | Path | None = None, *, resume: bool
         model = build_vae_model(cfg.model, len(ds.classes))
     tcfg, run_cfg = cfg.train, cfg
     loss = VAELoss(cfg)
-    grid_idx = (split.val or split.train)[:cfg.recon_images]
+    grid_idx = eval_selection(ds, split.val or split.train, cfg.recon_images, seed=cfg.data.seed)
 
     def eval_fn(m: nn.Module, step: int) -> dict:
         _recon_grid(m, ds, grid_idx, trainer.device, out / f"recon_step_{step}" / "grid.png")
         r = evaluate_vae(m, ds, split.val, device=trainer.device, batch_size=cfg.train.batch_size,
-                         max_images=min(cfg.eval_images or 64, 64))
+                         max_images=min(cfg.eval_images or 64, 64), seed=cfg.data.seed)
         return {k: r[k] for k in ("psnr", "highpass_rel_error", "accuracy") if k in r}
 
     trainer = Trainer(model, loss, torch.utils.data.Subset(ds, split.train), tcfg,
@@ -510,10 +550,11 @@ def train_vae(cfg: VAEConfig, out_dir: str | Path | None = None, *, resume: bool
     m = trainer.ema_model
     metrics: dict[str, Any] = {"step": trainer.step, "train_images": len(split.train)}
     metrics["val"] = evaluate_vae(m, ds, split.val, device=trainer.device, batch_size=cfg.train.batch_size,
-                                  max_images=cfg.eval_images)
+                                  max_images=cfg.eval_images, seed=cfg.data.seed)
     if split.test:
         metrics["test"] = evaluate_vae(m, ds, split.test, device=trainer.device,
-                                       batch_size=cfg.train.batch_size, max_images=cfg.eval_images)
+                                       batch_size=cfg.train.batch_size, max_images=cfg.eval_images,
+                                       seed=cfg.data.seed)
         metrics["test_env"] = ds.environments[test_env]
     _recon_grid(m, ds, grid_idx, trainer.device, out / "recon_final" / "grid.png")
     if trainer.is_main:
