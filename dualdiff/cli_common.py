@@ -164,7 +164,7 @@ def config_from_args(args: argparse.Namespace, base: Any = None) -> Any:
             preset = value.strip()
             continue
         for prefix in getattr(args, "_foreign_keys", ()):
-            if key.startswith(prefix):
+            if key.startswith(prefix) and key != "train.out_dir":  # the run folder: every command's
                 raise ConfigError(f"{key} is not used by this command (it trains with {train_key}.*): "
                                   f"set it for the command that reads it")
         rest.append(tok)

@@ -1,7 +1,10 @@
 """`dualdiff ldm autoencoder | encode | train | sample | eval | plot | demo` (the ldm experiment).
 
-One run folder carries the pipeline: ``autoencoder`` writes ``R/autoencoder/``, ``encode`` the
-latent caches, ``train`` checkpoints and metrics, ``sample`` / ``eval`` / ``plot`` read them::
+One run folder (``--out-dir``, the ``train.out_dir`` key's flag) carries the pipeline:
+``autoencoder`` writes ``R/autoencoder/`` (trained with its own TrainConfig ``ae.train.*``; a
+``train.*`` key given to it is an error, not ignored), ``encode`` the latent caches, ``train``
+checkpoints and metrics (``train.*``), ``sample`` / ``eval`` / ``plot`` read them (``sample`` and
+``eval`` apply ``--config`` / ``key=value`` to the run's stored config)::
 
     dualdiff ldm autoencoder --out-dir R preset=tiny
     dualdiff ldm encode --out-dir R preset=tiny
@@ -22,48 +25,41 @@ __all__ = ["register_ldm_commands"]
 
 
 def register_ldm_commands(subparsers) -> None:
+    """Add ``dualdiff ldm {autoencoder,encode,train,sample,eval,plot,demo}``."""
     from dualdiff.experiments.ldm import LDM_PRESETS, LDMConfig
 
     exp = subparsers.add_parser("ldm", help="latent diffusion conditioned on a mask's class distribution")
     sub = exp.add_subparsers(dest="ldm_command", required=True)
-    for name, fn, text in (
-        ("autoencoder", _autoencoder, "train the conv_kl autoencoder (the vae experiment's) on the tiles"),
-        ("encode", _encode, "encode the train/test tiles once into latent caches"),
-        ("train", _train, "train the conditioned UNet on the cached latents"),
-        ("demo", _demo, "the tiny preset end to end on the CPU (a few minutes)"),
+    for name, fn, text, opts in (
+        ("autoencoder", _autoencoder, "train the conv_kl autoencoder (the vae experiment's) on the tiles with "
+                                      "its own TrainConfig ae.train.*", dict(train_key="ae.train", foreign_keys=("train.",))),
+        ("encode", _encode, "encode the train/test tiles once into latent caches",
+         dict(resume=False, foreign_keys=("ae.train.",))),
+        ("train", _train, "train the conditioned UNet on the cached latents (train.*)",
+         dict(foreign_keys=("ae.train.",))),
+        ("demo", _demo, "the demo preset (tiny) end to end on the CPU (a few minutes)", dict(resume=False)),
     ):
         p = sub.add_parser(name, help=text)
-        add_run_options(p, LDMConfig, presets=LDM_PRESETS, default_preset="tiny" if name == "demo" else "default",
-                        resume=name in ("autoencoder", "train"))
+        add_run_options(p, LDMConfig, presets=LDM_PRESETS, default_preset="demo" if name == "demo" else "default",
+                        out_dir="run", **opts)
         p.set_defaults(func=fn)
     for name, fn, text in (
         ("sample", _sample, "guided DDIM samples for test-set class distributions (samples/grid.png)"),
         ("eval", _eval, "conditioning error, Fréchet distance on AE features, loss per t quartile"),
     ):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("--out-dir", required=True, metavar="DIR", help="the run folder")
-        p.add_argument("--device", default=None, metavar="DEV", help="auto | cpu | cuda | cuda:N")
-        p.add_argument("overrides", nargs="*", metavar="key=value",
-                       help="overrides of the run's config, e.g. cond_scale=6 rescaled_phi=0")
+        p = sub.add_parser(name, help=text + "; key=value: the run's stored config, e.g. cond_scale=6")
+        add_run_options(p, LDMConfig, presets=LDM_PRESETS, out_dir="required", resume=False,
+                        run_input="--out-dir")
         p.set_defaults(func=fn)
     p = sub.add_parser("plot", help="redraw the figures of a run")
     p.add_argument("--out-dir", required=True, metavar="DIR", help="the run folder")
     p.set_defaults(func=_plot)
 
 
-def _overrides(args: argparse.Namespace) -> list[str]:
-    from dualdiff.config import ConfigError
-
-    for tok in args.overrides:
-        if "=" not in tok:
-            raise ConfigError(f"argument {tok!r} is not key=value")
-    return list(args.overrides)
-
-
 def _autoencoder(args: argparse.Namespace) -> int:
     from dualdiff.experiments.ldm import train_autoencoder
 
-    res = train_autoencoder(config_from_args(args), args.out_dir, resume=args.resume)
+    res = train_autoencoder(config_from_args(args))
     print(json.dumps(res["metrics"].get("val", {}), indent=2))
     return 0
 
@@ -71,7 +67,7 @@ def _autoencoder(args: argparse.Namespace) -> int:
 def _encode(args: argparse.Namespace) -> int:
     from dualdiff.experiments.ldm import encode_latents
 
-    for name, path in encode_latents(config_from_args(args), args.out_dir).items():
+    for name, path in encode_latents(config_from_args(args)).items():
         print(f"{name}: {path}")
     return 0
 
@@ -79,17 +75,26 @@ def _encode(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from dualdiff.experiments.ldm import train_ldm
 
-    res = train_ldm(config_from_args(args), args.out_dir, resume=args.resume)
+    res = train_ldm(config_from_args(args))
     h = res["history"]
     if h:
         print(f"step {h[-1]['step']}: loss {h[-1]['loss']:.4g} (first logged {h[0]['loss']:.4g})")
     return 0
 
 
+def _stored_config(args: argparse.Namespace):
+    """The run's config (``--out-dir``) with the shared options applied; the preset's without a run
+    (``--show-config`` only)."""
+    from dualdiff.experiments.ldm import load_ldm
+
+    base = load_ldm(args.out_dir)[1] if args.out_dir is not None else None
+    return config_from_args(args, base=base)
+
+
 def _sample(args: argparse.Namespace) -> int:
     from dualdiff.experiments.ldm import sample_ldm
 
-    res = sample_ldm(args.out_dir, _overrides(args), device=args.device)
+    res = sample_ldm(args.out_dir, config=_stored_config(args))
     print(f"wrote {res['grid']}")
     return 0
 
@@ -97,7 +102,7 @@ def _sample(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from dualdiff.experiments.ldm import evaluate_ldm
 
-    evaluate_ldm(args.out_dir, _overrides(args), device=args.device)
+    evaluate_ldm(args.out_dir, config=_stored_config(args))
     return 0
 
 
@@ -110,8 +115,13 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from dualdiff.config import apply_overrides
     from dualdiff.experiments.ldm import demo_ldm
 
-    s = demo_ldm(args.out_dir, config_from_args(args))
+    device, args.device = args.device, None
+    cfg = config_from_args(args)
+    if device is not None:  # the demo's two stages run on one device
+        cfg = apply_overrides(cfg, [f"train.device={device}", f"ae.train.device={device}"])
+    s = demo_ldm(cfg=cfg)
     print(json.dumps({"times": s["times"], "first_loss": s["first_loss"], "last_loss": s["last_loss"]}, indent=2))
     return 0

@@ -9,10 +9,12 @@ from PIL import Image
 
 from dualdiff.cli import main
 
-MICRO = ["preset=tiny", "data.image_size=16", "data.num_train=32", "data.num_test=8", "ae.base_channels=8",
-         "ae.steps=4", "ae.batch_size=8", "model.dim=8", "model.attn_heads=1", "model.attn_dim_head=4",
-         "train.steps=4", "train.batch_size=8", "train.log_every=2", "sampling_timesteps=3",
-         "eval_requests=2", "eval_samples=2", "num_samples=2", "eval_loss_batches=1", "eval_cond_scales=[1,3]"]
+COMMON = ["preset=tiny", "data.image_size=16", "data.num_train=32", "data.num_test=8", "ae.base_channels=8",
+          "model.dim=8", "model.attn_heads=1", "model.attn_dim_head=4", "sampling_timesteps=3",
+          "eval_requests=2", "eval_samples=2", "num_samples=2", "eval_loss_batches=1", "eval_cond_scales=[1,3]"]
+# each training stage takes its own TrainConfig's keys: the autoencoder ae.train.*, the UNet train.*
+AE_MICRO = [*COMMON, "ae.train.steps=4", "ae.train.batch_size=8"]
+MICRO = [*COMMON, "train.steps=4", "train.batch_size=8", "train.log_every=2"]
 
 
 def _error(capsys, argv) -> str:
@@ -63,7 +65,7 @@ def test_user_mistakes(tmp_path, capsys):
 def test_pipeline_end_to_end(tmp_path, capsys):
     out = str(tmp_path / "run")
     for cmd in ("autoencoder", "encode", "train"):
-        assert main(["ldm", cmd, "--out-dir", out, *MICRO]) == 0, cmd
+        assert main(["ldm", cmd, "--out-dir", out, *(AE_MICRO if cmd == "autoencoder" else MICRO)]) == 0, cmd
     assert main(["ldm", "sample", "--out-dir", out, "cond_scale=6"]) == 0
     assert main(["ldm", "eval", "--out-dir", out]) == 0
     assert main(["ldm", "plot", "--out-dir", out]) == 0

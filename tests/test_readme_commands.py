@@ -53,10 +53,12 @@ _TADIFF_MODEL = ["model.image_size=16", "model.base_channels=8", "model.channel_
 _TADIFF_EVAL = ["eval_batches=1", "eval_t_points=2", "sample_cases=2", "num_samples=2", "sample_steps=2"]
 _TADIFF = ["preset=tiny", *_TADIFF_MODEL, "data.num_patients=3", "data.val_patients=1", "data.depth=4",
            "train.steps=3", "train.batch_size=4", *_TADIFF_EVAL]
-_LDM = ["preset=tiny", "data.image_size=16", "data.num_train=32", "data.num_test=8", "ae.base_channels=8", "ae.steps=4",
-        "ae.batch_size=8", "model.dim=8", "model.attn_heads=1", "model.attn_dim_head=4", "train.steps=4",
-        "train.batch_size=8", "train.log_every=2", "sampling_timesteps=3", "eval_requests=2", "eval_samples=2",
-        "num_samples=2", "eval_loss_batches=1", "eval_cond_scales=[1,3]"]
+_LDM_COMMON = ["preset=tiny", "data.image_size=16", "data.num_train=32", "data.num_test=8", "ae.base_channels=8",
+               "model.dim=8", "model.attn_heads=1", "model.attn_dim_head=4", "sampling_timesteps=3",
+               "eval_requests=2", "eval_samples=2", "num_samples=2", "eval_loss_batches=1", "eval_cond_scales=[1,3]"]
+# each training stage takes its own TrainConfig's keys (a key a command does not read is an error)
+_LDM_AE = [*_LDM_COMMON, "ae.train.steps=4", "ae.train.batch_size=8"]
+_LDM = [*_LDM_COMMON, "train.steps=4", "train.batch_size=8", "train.log_every=2"]
 
 _TOY2D = ["preset=tiny", "train.steps=4", "data.n_train=64", "train.batch_size=16", "n_samples=32",
           "datasets=circle,dino", "variants=baseline,adaptive"]
@@ -83,8 +85,8 @@ TINY: dict[tuple[str, ...], list[str]] = {
     ("tadiff", "sweep"): _TADIFF,
     ("tadiff", "eval"): _TADIFF_EVAL,  # the stored run's model keys cannot change
     ("tadiff", "plot"): [],
-    ("ldm", "demo"): _LDM,
-    ("ldm", "autoencoder"): _LDM,
+    ("ldm", "demo"): [*_LDM, "ae.train.steps=4", "ae.train.batch_size=8"],
+    ("ldm", "autoencoder"): _LDM_AE,
     ("ldm", "encode"): _LDM,
     ("ldm", "train"): _LDM,
     ("ldm", "sample"): [],  # sizes come from the run's stored (tiny) config

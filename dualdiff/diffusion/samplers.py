@@ -34,6 +34,7 @@ from dualdiff.diffusion.schedules import NoiseSchedule, _check_timesteps, _compu
 __all__ = [
     "cfg_combine",
     "cfg_model_fn",
+    "guided_model_fn",
     "ddim_sample",
     "lucidrains_timesteps",
     "ddpm_sample",
@@ -401,3 +402,29 @@ def ddpm_sample(
         if traj is not None:
             traj.append(x.detach().cpu())
     return SampleOutput(x, traj)
+
+
+def guided_model_fn(model: torch.nn.Module, dist: torch.Tensor, cond_scale: float, rescaled_phi: float = 0.0, *,
+                    remove_parallel: bool = False, keep_parallel_frac: float = 0.0, batched: bool = True,
+                    null: torch.Tensor | None = None):
+    """``model_fn(x, t)`` for :func:`dualdiff.diffusion.ddim_sample`: classifier-free guidance
+    of the conditional and null predictions (``cfg_combine``). ``batched``: one forward on
+    ``cat([x, x])`` with the second half nulled (else two forwards). ``cond_scale == 1`` gives
+    the conditional prediction alone (one forward, as lucidrains). ``null`` [B] bool: these rows
+    are unconditional whatever the scale."""
+    b = dist.shape[0]
+    null_rows = torch.zeros(b, dtype=torch.bool, device=dist.device) if null is None else null.to(dist.device)
+
+    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if cond_scale == 1.0:
+            return model(x, t, dist, null_rows)
+        if batched:
+            out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([dist, dist]),
+                        torch.cat([null_rows, torch.ones_like(null_rows)]))
+            cond, uncond = out.chunk(2)
+        else:
+            cond, uncond = model(x, t, dist, null_rows), model(x, t, dist, torch.ones_like(null_rows))
+        return cfg_combine(uncond, cond, cond_scale, rescaled_phi, remove_parallel=remove_parallel,
+                           keep_parallel_frac=keep_parallel_frac)
+
+    return fn

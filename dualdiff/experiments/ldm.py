@@ -35,13 +35,17 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dualdiff.config import ConfigError
+from dualdiff.diffusion.samplers import guided_model_fn
+from dualdiff.errors import CheckpointError, ConfigError
+from dualdiff.models.codec import Codec, diffusers_codec, own_codec
+from dualdiff.experiments.run import apply_run_flags, check_resume, from_name, load_run, load_weights
 from dualdiff.models.cond_unet import ClassDistUNet, CondUNetConfig
 from dualdiff.train import TrainConfig, Trainer
 from dualdiff.utils.seed import derive_seed
@@ -84,19 +88,27 @@ class LDMDataConfig:
 
     def validate(self) -> None:
         if self.source == "folder" and not self.path:
-            raise ValueError("data.path is required when data.source is 'folder'")
+            raise ConfigError("data.path is required when data.source is 'folder'")
         if self.image_size < 8:
-            raise ValueError(f"data.image_size must be >= 8, got {self.image_size}")
+            raise ConfigError(f"data.image_size must be >= 8, got {self.image_size}")
         if self.num_classes < 2:
-            raise ValueError(f"data.num_classes must be >= 2, got {self.num_classes}")
+            raise ConfigError(f"data.num_classes must be >= 2, got {self.num_classes}")
         if self.num_train < 1 or self.num_test < 1:
-            raise ValueError(f"data.num_train and data.num_test must be >= 1, got {self.num_train}, {self.num_test}")
+            raise ConfigError(f"data.num_train and data.num_test must be >= 1, got {self.num_train}, {self.num_test}")
         if not 0.0 < self.test_fraction < 1.0:
-            raise ValueError(f"data.test_fraction must be in (0, 1), got {self.test_fraction}")
+            raise ConfigError(f"data.test_fraction must be in (0, 1), got {self.test_fraction}")
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if not 0.0 <= self.balance_p <= 1.0:
-            raise ValueError(f"data.balance_p must be in [0, 1], got {self.balance_p}")
+            raise ConfigError(f"data.balance_p must be in [0, 1], got {self.balance_p}")
+
+
+#: ``ae.train.out_dir``'s only value: the autoencoder stage writes to ``<run folder>/autoencoder``
+AE_OUT_DIR = "<run folder>/autoencoder"
+
+
+def _default_ae_train() -> TrainConfig:
+    return TrainConfig(steps=3000, batch_size=16, lr=2e-4, optimizer="adam", out_dir=AE_OUT_DIR, log_every=50)
 
 
 @dataclass
@@ -105,8 +117,11 @@ class LDMAEConfig:
     autoencoder``; ``path`` = its run folder or checkpoint, default ``<out-dir>/autoencoder``) or
     ``diffusers`` (``AutoencoderKL`` folder at ``path``, loaded with ``local_files_only``).
     ``scale``: ``auto`` | ``ae`` | ``std`` (:func:`dualdiff.data.latent_cache.latent_scale`).
-    The other keys configure and train the own autoencoder (kl_weight in the vae
-    experiment's per-latent-dim convention)."""
+    ``latent_channels`` ... ``kl_weight`` configure the own autoencoder (kl_weight in the vae
+    experiment's per-latent-dim convention); ``train`` is the autoencoder stage's own full
+    TrainConfig (``ae.train.lr``, ``ae.train.steps`` ...: ``dualdiff ldm autoencoder`` trains
+    with it, ``--resume`` / ``--device`` of that command set its keys). ``ae.train.out_dir`` is
+    not a key to set: the stage writes to ``<run folder>/autoencoder``."""
     source: Literal["own", "diffusers"] = "own"
     path: str | None = None
     scale: Literal["auto", "ae", "std"] = "auto"
@@ -114,22 +129,25 @@ class LDMAEConfig:
     base_channels: int = 64
     channel_mults: list[int] = field(default_factory=lambda: [1, 2, 4])
     downsample_factor: int = 8
-    steps: int = 3000
-    batch_size: int = 16
-    lr: float = 2e-4
     kl_weight: float = 1e-4
+    train: TrainConfig = field(default_factory=_default_ae_train)
 
     def validate(self) -> None:
         if self.source == "diffusers" and not self.path:
-            raise ValueError("ae.path (a local AutoencoderKL folder) is required when ae.source is 'diffusers'")
-        for name in ("latent_channels", "base_channels", "steps", "batch_size"):
+            raise ConfigError("ae.path (a local AutoencoderKL folder) is required when ae.source is 'diffusers'")
+        for name in ("latent_channels", "base_channels"):
             if getattr(self, name) < 1:
-                raise ValueError(f"ae.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"ae.{name} must be >= 1, got {getattr(self, name)}")
         f = self.downsample_factor
         if f < 1 or f & (f - 1) or f > 2 ** len(self.channel_mults):
-            raise ValueError(f"ae.downsample_factor must be a power of two <= 2**len(ae.channel_mults), got {f}")
-        if not (self.lr > 0 and self.kl_weight >= 0):
-            raise ValueError(f"ae.lr must be > 0 and ae.kl_weight >= 0, got {self.lr}, {self.kl_weight}")
+            raise ConfigError(f"ae.downsample_factor must be a power of two <= 2**len(ae.channel_mults), got {f}")
+        if not self.kl_weight >= 0:
+            raise ConfigError(f"ae.kl_weight must be >= 0, got {self.kl_weight}")
+        if self.train.out_dir != AE_OUT_DIR:
+            raise ConfigError(f"ae.train.out_dir is not a key to set (got {self.train.out_dir!r}): the autoencoder "
+                              f"is written to <run folder>/autoencoder; choose the run folder with --out-dir "
+                              f"(train.out_dir)")
+        self.train.validate()
 
 
 def _default_train() -> TrainConfig:
@@ -182,45 +200,43 @@ class LDMConfig:
         try:
             normalize_objective(self.objective)
         except ValueError:
-            raise ValueError(f"unknown objective {self.objective!r}; choose one of {OBJECTIVES}") from None
+            raise ConfigError(f"unknown objective {self.objective!r}; choose one of {OBJECTIVES}") from None
         self.model.validate()
         self.data.validate()
         self.ae.validate()
         if self.model.num_classes != self.data.num_classes:
-            raise ValueError(f"model.num_classes ({self.model.num_classes}) must equal data.num_classes "
+            raise ConfigError(f"model.num_classes ({self.model.num_classes}) must equal data.num_classes "
                              f"({self.data.num_classes})")
         if self.ae.source == "own" and self.model.channels != self.ae.latent_channels:
-            raise ValueError(f"model.channels ({self.model.channels}) must equal ae.latent_channels "
+            raise ConfigError(f"model.channels ({self.model.channels}) must equal ae.latent_channels "
                              f"({self.ae.latent_channels})")
         if self.ae.source == "own":
             lat = self.data.image_size // self.ae.downsample_factor
             if self.data.image_size % self.ae.downsample_factor or lat % 2 ** (len(self.model.dim_mults) - 1):
-                raise ValueError(f"data.image_size={self.data.image_size} must be divisible by "
+                raise ConfigError(f"data.image_size={self.data.image_size} must be divisible by "
                                  f"ae.downsample_factor={self.ae.downsample_factor} x "
                                  f"2**(len(model.dim_mults)-1)={2 ** (len(self.model.dim_mults) - 1)}")
         if not 1 <= self.sampling_timesteps <= self.timesteps:
-            raise ValueError(f"sampling_timesteps must be in [1, timesteps={self.timesteps}], got {self.sampling_timesteps}")
+            raise ConfigError(f"sampling_timesteps must be in [1, timesteps={self.timesteps}], got {self.sampling_timesteps}")
         if not 0.0 <= self.cond_drop_prob <= 1.0:
-            raise ValueError(f"cond_drop_prob must be in [0, 1], got {self.cond_drop_prob}")
+            raise ConfigError(f"cond_drop_prob must be in [0, 1], got {self.cond_drop_prob}")
         for name in ("rescaled_phi", "keep_parallel_frac"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if any(not 0.0 <= p <= 1.0 for p in self.eval_rescaled_phis):
-            raise ValueError(f"eval_rescaled_phis must be in [0, 1], got {self.eval_rescaled_phis}")
+            raise ConfigError(f"eval_rescaled_phis must be in [0, 1], got {self.eval_rescaled_phis}")
         if self.ddim_eta < 0 or self.cond_scale < 0 or any(s < 0 for s in self.eval_cond_scales):
-            raise ValueError("ddim_eta, cond_scale and eval_cond_scales must be >= 0")
+            raise ConfigError("ddim_eta, cond_scale and eval_cond_scales must be >= 0")
         for name in ("num_samples", "eval_requests", "eval_samples", "eval_loss_batches", "timesteps"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.p2_gamma < 0 or self.p2_k <= 0 or self.min_snr_gamma <= 0:
-            raise ValueError("p2_gamma must be >= 0, p2_k and min_snr_gamma > 0")
+            raise ConfigError("p2_gamma must be >= 0, p2_k and min_snr_gamma > 0")
 
     @classmethod
     def from_name(cls, name: str) -> "LDMConfig":
         """A fresh copy of the preset ``name`` (:data:`LDM_PRESETS`)."""
-        if name not in LDM_PRESETS:
-            raise ValueError(f"unknown ldm preset {name!r}; choose one of {sorted(LDM_PRESETS)}")
-        return LDM_PRESETS[name]()
+        return from_name(LDM_PRESETS, name, cls.__name__)
 
 
 def _tiny() -> LDMConfig:
@@ -232,12 +248,21 @@ def _tiny() -> LDMConfig:
                         progress=False)
     return LDMConfig(model=copy.deepcopy(COND_UNET_PRESETS["tiny"]),
                      data=LDMDataConfig(image_size=32, num_train=512, num_test=64),
-                     ae=LDMAEConfig(base_channels=16, channel_mults=[1, 2], downsample_factor=4, steps=400,
-                                    batch_size=32, lr=2e-3),
+                     ae=LDMAEConfig(base_channels=16, channel_mults=[1, 2], downsample_factor=4,
+                                    train=TrainConfig(steps=400, batch_size=32, lr=2e-3, optimizer="adam",
+                                                      out_dir=AE_OUT_DIR, log_every=40, progress=False)),
                      train=train, sampling_timesteps=50, eval_requests=4, eval_samples=8, num_samples=8)
 
 
-LDM_PRESETS = {"default": LDMConfig, "tiny": _tiny}
+def _demo() -> LDMConfig:
+    """The tiny preset writing to ``runs/ldm-demo``."""
+    cfg = _tiny()
+    cfg.train.out_dir = "runs/ldm-demo"
+    return cfg
+
+
+#: name -> zero-argument function building a fresh config (``preset=NAME``)
+LDM_PRESETS: dict[str, Callable[[], LDMConfig]] = {"default": LDMConfig, "tiny": _tiny, "demo": _demo}
 
 
 # ---------------------------------------------------------------------------------------
@@ -331,97 +356,57 @@ class _VAETiles(torch.utils.data.Dataset):
 
 
 def _vae_config(cfg: LDMConfig, out_dir: Path):
+    """The vae experiment's config of the autoencoder stage: ``ae.*`` and its TrainConfig
+    ``ae.train`` as given (only ``out_dir`` is the stage's folder)."""
     from dualdiff.experiments.vae import VAEConfig, VAEModelConfig
 
     a = cfg.ae
     model = VAEModelConfig(arch="conv_kl", image_size=cfg.data.image_size, latent_channels=a.latent_channels,
                            base_channels=a.base_channels, channel_mults=list(a.channel_mults),
                            downsample_factor=a.downsample_factor)
-    train = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, optimizer="adam", out_dir=str(out_dir),
-                        log_every=max(1, min(50, a.steps // 10)), seed=cfg.train.seed, device=cfg.train.device,
-                        progress=cfg.train.progress)
+    train = dataclasses.replace(a.train, out_dir=str(out_dir))
     return VAEConfig(model=model, train=train, kl_weight=a.kl_weight, anneal="none", recon="bce",
                      eval_images=64, recon_images=8)
 
 
-def train_autoencoder(cfg: LDMConfig, out_dir: str | Path, *, resume: str | None = None) -> dict[str, Any]:
+def train_autoencoder(cfg: LDMConfig, out_dir: str | Path | None = None, *,
+                      resume: bool | str | None = None) -> dict[str, Any]:
     """Train the ``conv_kl`` autoencoder on the training tiles through the vae experiment's
-    :func:`~dualdiff.experiments.vae.train_vae` into ``out_dir/autoencoder`` (validation =
-    the test tiles). Returns train_vae's result."""
+    :func:`~dualdiff.experiments.vae.train_vae` into ``<run folder>/autoencoder`` (validation =
+    the test tiles) with the stage's TrainConfig ``ae.train``. ``out_dir``: the run folder
+    (None: ``train.out_dir``); ``resume`` (None: the ``ae.train.resume`` key) as in
+    :mod:`dualdiff.experiments.run`. Returns train_vae's result."""
     from dualdiff.data.fundus import DomainSplit
     from dualdiff.experiments.vae import train_vae
 
+    if not isinstance(cfg, LDMConfig):
+        raise TypeError(f"cfg must be an LDMConfig, got {type(cfg).__name__}")
+    cfg = apply_run_flags(cfg, out_dir, resume, presets=LDM_PRESETS, train_key="ae.train")
     if cfg.ae.source != "own":
         raise ConfigError("dualdiff ldm autoencoder trains ae.source=own only (diffusers is loaded as is)")
+    ae_dir = Path(cfg.train.out_dir) / "autoencoder"
+    check_resume(cfg.ae.train.resume, ae_dir / "checkpoints")
     train, test = _datasets(cfg)
     ds = torch.utils.data.ConcatDataset([_VAETiles(train), _VAETiles(test)])
     ds.classes, ds.environments = _VAETiles.classes, _VAETiles.environments
     split = DomainSplit(train=list(range(len(train))), val=list(range(len(train), len(ds))), test=[])
-    ae_dir = Path(out_dir) / "autoencoder"
-    return train_vae(_vae_config(cfg, ae_dir), ae_dir, resume=resume, data=(ds, split, None))
-
-
-class Codec:
-    """Images in [0, 1] <-> unscaled latents. ``encode(x [B, 3, S, S]) -> z`` (posterior mean),
-    ``decode(z) -> x`` in [0, 1]; ``scaling_factor``: the autoencoder's (None if it has none)."""
-
-    def __init__(self, encode, decode, scaling_factor: float | None, latent_channels: int,
-                 downsample_factor: int, name: str) -> None:
-        self.encode, self.decode = encode, decode
-        self.scaling_factor, self.latent_channels = scaling_factor, latent_channels
-        self.downsample_factor, self.name = downsample_factor, name
-
-
-def _own_codec(ae: nn.Module) -> Codec:
-    from dualdiff.data.fundus import normalize
-
-    @torch.no_grad()
-    def enc(x: Tensor) -> Tensor:
-        return ae.encode(normalize(x))[0]
-
-    @torch.no_grad()
-    def dec(z: Tensor) -> Tensor:
-        return torch.sigmoid(ae.decode(z).float())
-
-    return Codec(enc, dec, float(ae.scaling_factor), ae.latent_channels, ae.downsample_factor, "own")
-
-
-def _diffusers_codec(path: str, device) -> Codec:
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"ae.path: no such folder: {path!r}")
-    try:
-        from diffusers import AutoencoderKL
-    except ImportError as e:
-        from dualdiff.errors import UserError
-        raise UserError("ae.source=diffusers needs the diffusers package (pip install diffusers)") from e
-    vae = AutoencoderKL.from_pretrained(path, local_files_only=True).to(device).eval()
-
-    @torch.no_grad()
-    def enc(x: Tensor) -> Tensor:
-        return vae.encode(x * 2 - 1).latent_dist.mean  # diffusers' VAE takes images in [-1, 1]
-
-    @torch.no_grad()
-    def dec(z: Tensor) -> Tensor:
-        return ((vae.decode(z).sample.float() + 1) / 2).clamp(0, 1)
-
-    f = 2 ** (len(vae.config.block_out_channels) - 1)
-    return Codec(enc, dec, float(vae.config.scaling_factor), int(vae.config.latent_channels), f, "diffusers")
+    return train_vae(_vae_config(cfg, ae_dir), data=(ds, split, None))
 
 
 def load_codec(cfg: LDMConfig, out_dir: str | Path, device: torch.device | str = "cpu") -> Codec:
     """The autoencoder of ``cfg.ae`` (own: ``ae.path`` or ``out_dir/autoencoder``), in eval mode."""
     if cfg.ae.source == "diffusers":
-        return _diffusers_codec(cfg.ae.path, device)
+        return diffusers_codec(cfg.ae.path, device)
     from dualdiff.experiments.vae import load_vae_model
 
     path = Path(cfg.ae.path) if cfg.ae.path else Path(out_dir) / "autoencoder"
     if not path.exists():
-        raise FileNotFoundError(f"no autoencoder at {str(path)!r}: run `dualdiff ldm autoencoder` first "
+        raise CheckpointError(f"no autoencoder at {str(path)!r}: run `dualdiff ldm autoencoder` first "
                                 f"or set ae.path")
     ae, vcfg = load_vae_model(path)
     if vcfg.model.arch != "conv_kl":
         raise ConfigError(f"ae.path {str(path)!r} holds a {vcfg.model.arch} model, not conv_kl")
-    return _own_codec(ae.to(device))
+    return own_codec(ae.to(device))
 
 
 # ---------------------------------------------------------------------------------------
@@ -434,13 +419,15 @@ def _device(cfg: LDMConfig) -> torch.device:
     return default_device(cfg.train.device)
 
 
-def encode_latents(cfg: LDMConfig, out_dir: str | Path, *, verbose: bool = True) -> dict[str, Path]:
-    """Encode the train and test tiles once into ``out_dir/latents_{train,test}.pt`` (scale from
-    the train latents); prints the class counts. Returns the two paths."""
+def encode_latents(cfg: LDMConfig, out_dir: str | Path | None = None, *, verbose: bool = True) -> dict[str, Path]:
+    """Encode the train and test tiles once into ``<run folder>/latents_{train,test}.pt`` (scale
+    from the train latents; ``out_dir`` None: ``train.out_dir``); prints the class counts.
+    Returns the two paths."""
     from dualdiff.data.histology import describe_classes
     from dualdiff.data.latent_cache import LatentCache, encode_dataset, latent_scale
 
-    out = Path(out_dir)
+    cfg = apply_run_flags(cfg, out_dir, None, presets=LDM_PRESETS)
+    out = Path(cfg.train.out_dir)
     device = _device(cfg)
     datasets = _datasets(cfg)  # data mistakes first: they need no autoencoder
     codec = load_codec(cfg, out, device)
@@ -475,13 +462,18 @@ def _train_data(cfg: LDMConfig, cache):
     return batch
 
 
-def build_trainer(cfg: LDMConfig, out_dir: str | Path, *, resume: str | None = None, cache=None,
-                  model: nn.Module | None = None) -> Trainer:
-    """The Trainer of step 3 on ``cache`` (default: ``out_dir/latents_train.pt``)."""
+def build_trainer(cfg: LDMConfig, out_dir: str | Path | None = None, *, resume: bool | str | None = None,
+                  cache=None, model: nn.Module | None = None) -> Trainer:
+    """The Trainer of step 3 on ``cache`` (default: ``<run folder>/latents_train.pt``);
+    ``out_dir`` / ``resume`` as in :mod:`dualdiff.experiments.run` (None: ``train.out_dir`` /
+    ``train.resume``)."""
     from dualdiff.data.latent_cache import LatentCache
 
-    cfg.validate()
-    out = Path(out_dir)
+    if not isinstance(cfg, LDMConfig):
+        raise TypeError(f"cfg must be an LDMConfig, got {type(cfg).__name__}")
+    cfg = apply_run_flags(cfg, out_dir, resume, presets=LDM_PRESETS)
+    out = Path(cfg.train.out_dir)
+    check_resume(cfg.train.resume, out / "checkpoints")
     cache = cache if cache is not None else LatentCache.load(out / "latents_train.pt")
     if cache.latents.shape[1] != cfg.model.channels:
         raise ConfigError(f"the latent cache has {cache.latents.shape[1]} channels, model.channels="
@@ -490,19 +482,20 @@ def build_trainer(cfg: LDMConfig, out_dir: str | Path, *, resume: str | None = N
         with torch.random.fork_rng(devices=[]):  # initial weights depend on train.seed only
             torch.manual_seed(derive_seed(cfg.train.seed, "ldm-init"))
             model = ClassDistUNet(cfg.model)
-    tcfg = dataclasses.replace(cfg.train, out_dir=str(out), resume=resume if resume is not None else cfg.train.resume)
-    run_cfg = dataclasses.replace(cfg, train=tcfg)
-    trainer = Trainer(model, LDMLoss(cfg), _train_data(cfg, cache), tcfg, run_config=run_cfg)
+    trainer = Trainer(model, LDMLoss(cfg), _train_data(cfg, cache), cfg.train, run_config=cfg)
     trainer.latent_scale = cache.scale
     return trainer
 
 
-def train_ldm(cfg: LDMConfig, out_dir: str | Path, *, resume: str | None = None) -> dict[str, Any]:
-    """Train (step 3); writes ``out_dir/{metrics.jsonl, checkpoints/, training.png}``. Returns
-    ``{"trainer", "history", "out_dir"}``."""
+def train_ldm(cfg: LDMConfig, out_dir: str | Path | None = None, *,
+              resume: bool | str | None = None) -> dict[str, Any]:
+    """Train (step 3); writes ``<run folder>/{metrics.jsonl, checkpoints/, training.png}``
+    (``out_dir`` / ``resume`` as in :func:`build_trainer`). Returns ``{"trainer", "history",
+    "out_dir"}``."""
     from dualdiff.analysis.ldm_plots import plot_training
 
     trainer = build_trainer(cfg, out_dir, resume=resume)
+    out_dir = trainer.out_dir
     try:
         trainer.fit()
     finally:
@@ -515,55 +508,13 @@ def train_ldm(cfg: LDMConfig, out_dir: str | Path, *, resume: str | None = None)
 def load_ldm(path: str | Path, *, ema: bool = True, map_location: Any = "cpu") -> tuple[nn.Module, LDMConfig]:
     """``(model in eval mode, config)`` from a checkpoint of :func:`train_ldm` (a file or a run
     folder: its newest checkpoint), EMA weights when present; ``torch.load(weights_only=True)``."""
-    from dualdiff.config import from_dict
-    from dualdiff.train import CheckpointError, latest_checkpoint, load_checkpoint
-
-    p = Path(path)
-    if p.is_dir():
-        found = latest_checkpoint(p / "checkpoints")
-        if found is None:
-            raise FileNotFoundError(f"no checkpoint under {str(p / 'checkpoints')!r}: run `dualdiff ldm train` first")
-        p = found
-    state = load_checkpoint(p, map_location=map_location)
-    run = state.get("run_config")
-    if not run or "model" not in run or "ae" not in run:
-        raise CheckpointError(f"checkpoint {str(p)!r} has no ldm run config: was it written by train_ldm?")
-    cfg = from_dict(LDMConfig, run)
-    model = ClassDistUNet(cfg.model)
-    model.load_state_dict(state["ema"]["model"] if ema and state.get("ema") else state["model"])
-    return model.eval(), cfg
+    run = load_run(path, LDMConfig, writer="train_ldm", map_location=map_location)
+    model = load_weights(ClassDistUNet(run.config.model), run, ema=ema)
+    return model.eval(), run.config
 
 
 # ---------------------------------------------------------------------------------------
 # sampling
-
-
-def guided_model_fn(model: nn.Module, dist: Tensor, cond_scale: float, rescaled_phi: float = 0.0, *,
-                    remove_parallel: bool = False, keep_parallel_frac: float = 0.0, batched: bool = True,
-                    null: Tensor | None = None):
-    """``model_fn(x, t)`` for :func:`dualdiff.diffusion.ddim_sample`: classifier-free guidance
-    of the conditional and null predictions (``cfg_combine``). ``batched``: one forward on
-    ``cat([x, x])`` with the second half nulled (else two forwards). ``cond_scale == 1`` gives
-    the conditional prediction alone (one forward, as lucidrains). ``null`` [B] bool: these rows
-    are unconditional whatever the scale."""
-    from dualdiff.diffusion.samplers import cfg_combine
-
-    b = dist.shape[0]
-    null_rows = torch.zeros(b, dtype=torch.bool, device=dist.device) if null is None else null.to(dist.device)
-
-    def fn(x: Tensor, t: Tensor) -> Tensor:
-        if cond_scale == 1.0:
-            return model(x, t, dist, null_rows)
-        if batched:
-            out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([dist, dist]),
-                        torch.cat([null_rows, torch.ones_like(null_rows)]))
-            cond, uncond = out.chunk(2)
-        else:
-            cond, uncond = model(x, t, dist, null_rows), model(x, t, dist, torch.ones_like(null_rows))
-        return cfg_combine(uncond, cond, cond_scale, rescaled_phi, remove_parallel=remove_parallel,
-                           keep_parallel_frac=keep_parallel_frac)
-
-    return fn
 
 
 @torch.no_grad()
@@ -601,11 +552,17 @@ def _requests(test_cache, n: int) -> tuple[Tensor, list[int]]:
     return test_cache.dist[pick], pick
 
 
-def _load_run(out: Path, overrides: list[str] | None, device: str | None) -> tuple[nn.Module, LDMConfig]:
-    """The trained model (EMA) and its config with ``key=value`` overrides (e.g. cond_scale=6)."""
+def _load_run(out: Path, overrides: list[str] | None, device: str | None,
+              config: LDMConfig | None = None) -> tuple[nn.Module, LDMConfig]:
+    """The trained model (EMA) and its config (or ``config``, the stored one with the CLI's
+    options applied) with ``key=value`` overrides (e.g. cond_scale=6)."""
     from dualdiff.config import apply_overrides
 
     model, cfg = load_ldm(out)
+    if config is not None:
+        if config.model != cfg.model:
+            raise ConfigError("sample / eval cannot change the trained model's keys (model.*)")
+        cfg = config
     ov = list(overrides or []) + ([f"train.device={device}"] if device else [])
     if ov:
         cfg = apply_overrides(cfg, ov)
@@ -613,7 +570,7 @@ def _load_run(out: Path, overrides: list[str] | None, device: str | None) -> tup
 
 
 def sample_ldm(out_dir: str | Path, overrides: list[str] | None = None, *,
-               device: str | None = None) -> dict[str, Any]:
+               device: str | None = None, config: LDMConfig | None = None) -> dict[str, Any]:
     """Sample ``num_samples`` tiles for each of ``eval_requests`` test distributions at
     ``cond_scale`` / ``rescaled_phi``; writes ``out_dir/samples/grid.png`` and
     ``samples/samples.pt`` (images, requested and measured distributions)."""
@@ -622,7 +579,7 @@ def sample_ldm(out_dir: str | Path, overrides: list[str] | None = None, *,
     from dualdiff.data.latent_cache import LatentCache
 
     out = Path(out_dir)
-    model, cfg = _load_run(out, overrides, device)
+    model, cfg = _load_run(out, overrides, device, config)
     device = _device(cfg)
     codec = load_codec(cfg, out, device)
     test = LatentCache.load(out / "latents_test.pt")
@@ -699,14 +656,14 @@ def loss_per_quartile(model: nn.Module, cfg: LDMConfig, cache, *, batches: int =
 
 
 def evaluate_ldm(out_dir: str | Path, overrides: list[str] | None = None, *, device: str | None = None,
-                 verbose: bool = True) -> dict[str, Any]:
+                 config: LDMConfig | None = None, verbose: bool = True) -> dict[str, Any]:
     """Step 5 on the run in ``out_dir`` (EMA weights); writes ``eval.json`` and a sample grid
     per cond_scale (``eval_grids/``). Returns the metrics."""
     from dualdiff.analysis.ldm_plots import save_sample_grid
     from dualdiff.data.latent_cache import LatentCache
 
     out = Path(out_dir)
-    model, cfg = _load_run(out, overrides, device)
+    model, cfg = _load_run(out, overrides, device, config)
     device = _device(cfg)
     codec = load_codec(cfg, out, device)
     test = LatentCache.load(out / "latents_test.pt")
@@ -786,21 +743,22 @@ def plot_ldm(out_dir: str | Path) -> list[Path]:
     return written
 
 
-def demo_ldm(out_dir: str | Path = "runs/ldm-demo", cfg: LDMConfig | None = None) -> dict[str, Any]:
-    """The tiny preset end to end on the CPU: autoencoder, encode, train, sample, eval, plot."""
+def demo_ldm(out_dir: str | Path | None = None, cfg: LDMConfig | None = None) -> dict[str, Any]:
+    """The ``demo`` preset (tiny, ``runs/ldm-demo``) end to end on the CPU: autoencoder, encode,
+    train, sample, eval, plot (``out_dir`` None: ``train.out_dir``)."""
     import time
 
-    cfg = cfg or LDMConfig.from_name("tiny")
-    out = Path(out_dir)
+    cfg = apply_run_flags(cfg or LDMConfig.from_name("demo"), out_dir, None, presets=LDM_PRESETS)
+    out = Path(cfg.train.out_dir)
     times = {}
     t0 = time.perf_counter()
-    train_autoencoder(cfg, out)
+    train_autoencoder(cfg)
     times["autoencoder_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    encode_latents(cfg, out)
+    encode_latents(cfg)
     times["encode_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    res = train_ldm(cfg, out)
+    res = train_ldm(cfg)
     times["train_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     sample_ldm(out)

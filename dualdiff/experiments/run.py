@@ -171,7 +171,7 @@ def _resolve(path: str | os.PathLike) -> Path:
                 return found
         raise CheckpointError(f"no checkpoint (step_*.pt) in {str(p)!r} or {str(p / 'checkpoints')!r}")
     if not p.is_file():
-        raise CheckpointError(f"checkpoint {str(p)!r} does not exist")
+        raise CheckpointError(f"no checkpoint at {str(p)!r}: it does not exist")
     return p
 
 
