@@ -20,7 +20,15 @@ logit form used here, ``softplus(l) - l·x``, is the same formula for any x.
 and annealing, D = 4·(S/f)², no classifier (CE = 0).
 
 β(step) is :func:`kl_anneal_weight`. The step passed to the loss is the number of optimizer
-steps already taken (0 for the first).
+steps already taken (0 for the first). By default the linear ramp ends at 25 % of
+``train.steps`` and the cyclical schedule spans the run (:class:`VAEConfig`).
+
+Effective β (:meth:`VAEConfig.effective_beta`): multiplying the fixed loss by 3·S² (the
+pixels of a sample) gives ``BCE summed over a sample's pixels + kl_weight·(3·S²/D)·KL summed
+over its latent dims`` (both batch means) ``+ ...``, the usual β-VAE form with
+β = kl_weight · 3·S² / D. The seed's kl_weight 1e-4 is β ≈ 0.059 at 224², D = 256 (default)
+and β ≈ 0.038 at 64², D = 32 (tiny): a KL term about 17-26x weaker than the ELBO's (β = 1);
+kl_weight 1e-3 gives β ≈ 0.59 / 0.38.
 
 Outputs of :func:`train_vae` under ``out_dir``: the Trainer's ``metrics.jsonl`` / ``.csv``
 (per step: loss, recon, kl, ce, beta, lr ...), ``config.yaml``, ``checkpoints/``,
@@ -51,7 +59,7 @@ from dualdiff.metrics.image import active_units, highpass_error, image_metrics
 from dualdiff.train import TrainConfig, Trainer
 from dualdiff.utils.seed import derive_seed
 
-__all__ = ["ANNEAL_SCHEDULES", "LEGACY_WEIGHT", "kl_anneal_weight", "VAEModelConfig", "VAEDataConfig",
+__all__ = ["ANNEAL_SCHEDULES", "DEFAULT_ANNEAL_END_FRAC", "LEGACY_WEIGHT", "kl_anneal_weight", "VAEModelConfig", "VAEDataConfig",
            "VAEConfig", "VAE_PRESETS", "VAELoss", "build_vae_model", "build_vae_data", "eval_selection",
            "evaluate_vae",
            "train_vae", "load_vae_model", "loo_vae", "sweep_vae", "plot_vae", "demo_vae", "image_metrics",
@@ -60,6 +68,9 @@ __all__ = ["ANNEAL_SCHEDULES", "LEGACY_WEIGHT", "kl_anneal_weight", "VAEModelCon
 log = logging.getLogger("dualdiff.vae")
 
 ANNEAL_SCHEDULES = ("none", "linear", "cyclical")
+#: where the linear ramp ends when neither anneal_end nor anneal_end_frac is given (a fraction
+#: of train.steps: the ramp should end at 10-30 % of training)
+DEFAULT_ANNEAL_END_FRAC = 0.25
 LEGACY_WEIGHT = 50_000.0
 
 
@@ -226,8 +237,21 @@ def _default_train() -> TrainConfig:
 class VAEConfig:
     """The whole vae run. Loss keys (module docstring): ``loss`` fixed | legacy, ``recon``
     bce | mse, ``kl_weight`` and ``y_weight`` (the seed's values, KL in its per-latent-dim
-    convention), ``anneal`` none | linear | cyclical with ``anneal_start``, ``anneal_end``,
-    ``anneal_total_steps``, ``anneal_cycles``, ``anneal_ratio`` (:func:`kl_anneal_weight`).
+    convention; :meth:`effective_beta` converts to the usual β), ``anneal`` none | linear |
+    cyclical (:func:`kl_anneal_weight`), its steps set in fractions of ``train.steps`` or in
+    absolute steps (:meth:`anneal_kwargs` resolves them):
+
+    * ``anneal_start``: the step the ramp starts (0).
+    * ``anneal_end_frac`` / ``anneal_end``: where the linear ramp reaches β = 1, as a fraction of
+      ``train.steps`` (rounded) or an absolute step; give at most one. Neither:
+      :data:`DEFAULT_ANNEAL_END_FRAC` (0.25; the ramp ends at 10-30 % of training).
+    * cyclical (``frange_cycle_linear``: ``anneal_cycles`` periods, each ramping over
+      ``anneal_ratio`` of it, then β = 1): its span ``anneal_total_frac`` (of ``train.steps``)
+      or ``anneal_total_steps``, at most one; neither: ``anneal_end - anneal_start`` when an end
+      key is given, else the rest of the run (``train.steps - anneal_start``).
+
+    A key that would be ignored is an error: both keys of a pair, ``anneal_total_*`` without
+    ``anneal=cyclical``, an end key with ``anneal=none``.
     ``loss_backend``: vae_loss backend (None = auto). ``recon_images``: images per grid.
     ``eval_images``: validation / test images used for the metrics (0 = all; fewer than
     held out: a seeded subset stratified by class and environment, :func:`eval_selection`). ``plots``: draw
@@ -241,8 +265,10 @@ class VAEConfig:
     y_weight: float = 0.1
     anneal: str = "linear"
     anneal_start: int = 0
-    anneal_end: int = 5000
+    anneal_end: int | None = None
+    anneal_end_frac: float | None = None
     anneal_total_steps: int | None = None
+    anneal_total_frac: float | None = None
     anneal_cycles: int = 4
     anneal_ratio: float = 0.5
     loss_backend: str | None = None
@@ -256,8 +282,7 @@ class VAEConfig:
     def validate(self) -> None:
         self.model.validate()
         self.data.validate()
-        _check_anneal(self.anneal, self.anneal_start, self.anneal_end, self.anneal_total_steps,
-                      self.anneal_cycles, self.anneal_ratio, prefix="anneal_")
+        self.anneal_kwargs()  # checks the anneal_* keys
         for name in ("kl_weight", "y_weight"):
             v = getattr(self, name)
             if not (v >= 0 and math.isfinite(v)):
@@ -269,8 +294,59 @@ class VAEConfig:
                              f"{self.recon_images}, {self.eval_images}")
 
     def anneal_kwargs(self) -> dict[str, Any]:
-        return dict(schedule=self.anneal, start=self.anneal_start, end=self.anneal_end,
-                    total_steps=self.anneal_total_steps, cycles=self.anneal_cycles, ratio=self.anneal_ratio)
+        """:func:`kl_anneal_weight`'s keyword arguments in absolute steps (class docstring);
+        :class:`ConfigError` naming the key for a conflicting or out-of-range one."""
+        steps = self.train.steps
+        for a, b in (("anneal_end", "anneal_end_frac"), ("anneal_total_steps", "anneal_total_frac")):
+            if getattr(self, a) is not None and getattr(self, b) is not None:
+                raise ConfigError(f"{a}={getattr(self, a)} and {b}={getattr(self, b)} conflict: give one of them")
+        for name in ("anneal_end_frac", "anneal_total_frac"):
+            v = getattr(self, name)
+            if v is not None and not (0.0 < v <= 1.0):
+                raise ConfigError(f"{name} must be in (0, 1] (a fraction of train.steps), got {v}")
+        if self.anneal != "cyclical" and (self.anneal_total_steps is not None or self.anneal_total_frac is not None):
+            raise ConfigError(f"anneal_total_steps / anneal_total_frac apply to anneal=cyclical only "
+                              f"(anneal={self.anneal})")
+        end_given = self.anneal_end is not None or self.anneal_end_frac is not None
+        if self.anneal == "none" and end_given:
+            raise ConfigError("anneal_end / anneal_end_frac do not apply to anneal=none")
+        start = self.anneal_start
+        if self.anneal_end is not None:
+            end = self.anneal_end
+        else:
+            frac = self.anneal_end_frac if self.anneal_end_frac is not None else DEFAULT_ANNEAL_END_FRAC
+            end = int(round(frac * steps))
+            if self.anneal == "linear" and end < start:
+                raise ConfigError(f"anneal_start ({start}) is after the ramp's end ({end} = {frac:g} x "
+                                  f"train.steps {steps}): set anneal_end_frac or anneal_end later")
+        total = self.anneal_total_steps
+        if self.anneal == "cyclical" and total is None:
+            if self.anneal_total_frac is not None:
+                total = int(round(self.anneal_total_frac * steps))
+            elif end_given:
+                total = end - start
+            else:
+                total = steps - start
+            if total < 1:
+                raise ConfigError(f"the cyclical schedule's span is {total} steps (anneal_start {start}, "
+                                  f"train.steps {steps}): it must be >= 1")
+        if self.anneal != "linear" and not end_given:
+            end = max(end, start)  # unused: none has no ramp, cyclical runs over ``total``
+        _check_anneal(self.anneal, start, end, total, self.anneal_cycles, self.anneal_ratio, prefix="anneal_")
+        return dict(schedule=self.anneal, start=start, end=end, total_steps=total, cycles=self.anneal_cycles,
+                    ratio=self.anneal_ratio)
+
+    def effective_beta(self) -> float:
+        """β in the usual β-VAE convention: the KL weight relative to a reconstruction term summed
+        over the pixels (3·S·S) of a sample and a KL summed over its D latent dims, both averaged
+        over the batch (β = 1: the ELBO with a Bernoulli decoder). The fixed loss divides the BCE by
+        3·S·S and the KL by D, so β = kl_weight · 3·S² / D (× β(step) while annealing); the legacy
+        loss sums the BCE over the batch and divides the KL by B·D, so β = 50 000 / (B·D)."""
+        s, m = self.model.image_size, self.model
+        d = m.latent_dim if m.arch == "resnet_vae" else m.latent_channels * (s // m.downsample_factor) ** 2
+        if self.loss == "legacy":
+            return LEGACY_WEIGHT / (self.train.batch_size * d)
+        return self.kl_weight * 3 * s * s / d
 
     @classmethod
     def from_name(cls, name: str) -> "VAEConfig":
@@ -279,12 +355,12 @@ class VAEConfig:
 
 
 def _tiny() -> VAEConfig:
-    """64², a small CNN trunk, deep decoder, 200 steps of 16 images (β ramps over the first 100)."""
+    """64², a small CNN trunk, deep decoder, 200 steps of 16 images (β ramps over the first 25 %)."""
     model = VAEModelConfig(image_size=64, trunk="small", fc_hidden=256, latent_dim=32, decoder="deep",
                            deep_channels=128, base_channels=32)
     train = TrainConfig(steps=200, batch_size=16, lr=1e-3, optimizer="adam", out_dir="runs/vae-tiny",
                         checkpoint_every=0, eval_every=50, log_every=10, progress=False)
-    return VAEConfig(model=model, data=VAEDataConfig(num_per_env=64), train=train, anneal_end=100,
+    return VAEConfig(model=model, data=VAEDataConfig(num_per_env=64), train=train,
                      eval_images=128)
 
 
