@@ -27,7 +27,7 @@ from dualdiff.train.distributed import default_device
 SMALL = dict(embedding_dim=16, hidden_dim=32, hidden_layers=1)
 # the tests' sizes, as dotted Toy2DConfig keys over the template's defaults
 TINY = {"data.n_train": 600, "train.steps": 30, "train.batch_size": 32, "num_timesteps": 20,
-        "data.chunk_steps": 8, "n_samples": 300, "train.ema_warmup": 4, "train.ema_every": 2,
+        "data.chunk_steps": 8, "n_samples": 300, "train.ema_update_after_step": 4, "train.ema_every": 2,
         "train.log_every": 10, "train.progress": False,
         **{f"model.{k}": v for k, v in SMALL.items()}}
 
@@ -341,10 +341,11 @@ def test_config_defaults_are_the_templates_and_validate_checks_without_changing(
     t = d.train
     assert (d.num_timesteps, d.beta_start, d.beta_end, t.steps, t.batch_size, t.lr,
             t.weight_decay, t.scheduler, t.warmup_steps, t.grad_clip, t.amp, t.ema_decay,
-            t.ema_every, t.ema_warmup, t.checkpoint_every, t.keep_last, t.log_every,
+            t.ema_every, t.ema_warmup, t.ema_update_after_step, t.ema_inv_gamma, t.ema_power,
+            t.checkpoint_every, t.keep_last, t.log_every,
             d.data.n_train, d.n_samples, d.kl_k, d.data.dino_source) == (
-        100, 1e-4, 0.02, 10_000, 256, 3e-4, 0.01, "cosine", 0, 0.5, "off", 0.995, 10, 100,
-        2000, 2, 100, 100_000, 10_000, 5, "embedded")
+        100, 1e-4, 0.02, 10_000, 256, 3e-4, 0.01, "cosine", 0, 0.5, "off", 0.995, 10, 0, 100, 1.0,
+        2 / 3, 2000, 2, 100, 100_000, 10_000, 5, "embedded")  # ema-pytorch's EMA(beta=0.995, update_every=10)
     assert (d.model.embedding_dim, d.model.hidden_dim, d.model.hidden_layers) == (128, 256, 3)
     assert d.datasets == ["circle", "dino", "line", "moons"] and d.variants == list(VARIANTS)
     assert Toy2DConfig.from_name("default") == d

@@ -28,10 +28,12 @@ Per run the training is the template's:
 * loss: ``mse(model(q_sample(x0, t, noise), t), noise)`` (mean over the batch);
 * T = 100 linear betas 1e-4..0.02; AdamW lr 3e-4 (weight decay 0.01, torch's AdamW default,
   which the template inherits), cosine annealing to 0 over ``train.steps``; gradient norm clipped
-  to 0.5 **per run** (:meth:`StackedModels.clip_grad_norm_`); EMA 0.995 every 10 steps after a
-  100-step warm-up during which it copies the weights (ema_pytorch's ``update_after_step=100``
-  default; ema_pytorch also ramps its decay up with ``1 - (1 + step)^(-2/3)`` until it reaches
-  0.995 near step 2 900, which Trainer's EMA does not: the last ~2 000 steps dominate both);
+  to 0.5 **per run** (:meth:`StackedModels.clip_grad_norm_`); EMA as ema-pytorch's
+  ``EMA(model, beta=0.995, update_every=10)``, which the template builds: the weights are copied
+  up to step 100 (``update_after_step=100``), then averaged every 10 steps with the decay ramp
+  ``min(0.995, 1 - (1 + s)^(-2/3))`` (``inv_gamma=1``, ``power=2/3``; 0.995 near step 2 900).
+  ``train.ema_update_after_step=None train.ema_power=None train.ema_warmup=100`` gives the
+  constant-decay EMA of dualdiff before 2026-12-07;
   fp32 (``train.amp=off``), as the template. On CUDA, AdamW is fused unless
   ``train.optimizer_kwargs.fused`` says otherwise.
 
@@ -221,7 +223,8 @@ def _default_train() -> TrainConfig:
     # the template's settings (module docstring); a final checkpoint of the grid is kept
     return TrainConfig(steps=10_000, batch_size=256, lr=3e-4, optimizer="adamw",
                        weight_decay=0.01, scheduler="cosine", grad_clip=0.5, amp="off",
-                       ema_decay=0.995, ema_every=10, ema_warmup=100, out_dir="runs/toy2d",
+                       ema_decay=0.995, ema_every=10, ema_update_after_step=100,
+                       ema_inv_gamma=1.0, ema_power=2 / 3, out_dir="runs/toy2d",
                        checkpoint_every=2000, keep_last=2, log_every=100, log_grad_norm=True)
 
 
@@ -290,7 +293,7 @@ class Toy2DConfig:
         converged): 16 runs of a 1-layer 16/32-wide model, 200 steps of 64 on 1000 points,
         500 samples per run."""
         train = dataclasses.replace(_default_train(), steps=200, batch_size=64, lr=1e-3,
-                                    ema_warmup=20, ema_every=2, log_every=50, progress=False,
+                                    ema_update_after_step=20, ema_every=2, log_every=50, progress=False,
                                     out_dir="runs/toy2d-tiny")
         return cls(model=Toy2DModelConfig(embedding_dim=16, hidden_dim=32, hidden_layers=1),
                    data=Toy2DDataConfig(n_train=1000, chunk_steps=50), train=train,
