@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; a user error prints one ``dualdiff: error: ...`` line and returns 2."""
-    from dualdiff.cli_common import USER_ERRORS, debug_enabled
+    from dualdiff.cli_common import debug_enabled
+    from dualdiff.errors import user_error_types
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     try:
         return int(args.func(args) or 0)
-    except USER_ERRORS() as e:
+    except user_error_types() as e:  # the one library-error -> CLI mapping (dualdiff/errors.py)
         msg = " ".join(str(e).split()) or type(e).__name__
         print(f"dualdiff: error: {msg}", file=sys.stderr)
         return 2

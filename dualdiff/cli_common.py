@@ -3,17 +3,21 @@
 Every command that trains or writes takes the same options, added by
 :func:`add_run_options` and resolved by :func:`config_from_args`:
 
-``--out-dir DIR``            the run's output folder
+``--out-dir DIR``            the run folder of a training command (the ``train.out_dir`` key's
+                             flag: giving both with different values is an error), or the
+                             output folder of an analysis command (checked after --show-config)
 ``--config FILE.yaml``       a YAML file of the experiment config's keys
 ``key=value ...``            overrides of any (dotted) config key; ``preset=NAME`` picks the
                              starting preset (``tiny`` | ``default`` ...) before the file and
                              the other overrides are applied
-``--resume [auto|PATH]``     continue a run: ``auto`` (the bare flag) = the newest checkpoint
-                             in ``--out-dir`` if there is one, else a fresh start; or a path
-``--device DEV``             ``auto | cpu | cuda | cuda:N`` (sets ``train.device``)
+``--resume [auto|latest|PATH]`` the ``train.resume`` key's flag: ``auto`` (the bare flag) = the
+                             newest usable checkpoint of the run, else a fresh start; ``latest``
+                             = the newest usable checkpoint, an error if none; ``PATH`` = that file
+``--device DEV``             ``auto | cpu | cuda | cuda:N`` (sets the command's ``*.device`` key)
 ``--show-config``            print every key with its type, default and the value the
-                             command would run with, then exit
+                             command would run with, then exit (no ``--out-dir`` needed)
 
+The meanings live in :mod:`dualdiff.experiments.run` (one lifecycle for the five experiments).
 A user's mistake (bad key or value, missing file, unreachable dataset, unusable backend)
 is raised as :class:`UserError` (or :class:`dualdiff.config.ConfigError`);
 :func:`dualdiff.cli.main` prints it as one ``dualdiff: error: ...`` line and exits 2
@@ -25,12 +29,12 @@ An experiment registers its commands like this::
         exp = subparsers.add_parser("myexp", help=...)
         sub = exp.add_subparsers(dest="myexp_command", required=True)
         p = sub.add_parser("train", help=...)
-        add_run_options(p, MyConfig, presets=MY_PRESETS)
+        add_run_options(p, MyConfig, presets=MY_PRESETS, out_dir="run")
         p.set_defaults(func=_train)
 
     def _train(args):
-        cfg = config_from_args(args)      # preset <- --config <- key=value <- --device
-        train_myexp(cfg, args.out_dir, resume=args.resume)
+        cfg = config_from_args(args)      # preset <- --config <- key=value <- --device/--out-dir/--resume
+        train_myexp(cfg)                  # the run folder and resume request are in cfg.train
 """
 from __future__ import annotations
 
@@ -148,6 +152,11 @@ def config_from_args(args: argparse.Namespace, base: Any = None) -> Any:
     presets: Presets = args._presets
     train_key: str = getattr(args, "_train_key", "train")
     overrides = list(getattr(args, "overrides", None) or [])
+    resume = getattr(args, "resume", None)
+    if resume is not None and "=" in resume and not Path(resume).exists():
+        # the bare flag before a key=value word: argparse took the word as the flag's value
+        overrides.append(resume)
+        args.resume = "auto"
     for tok in overrides:
         if "=" not in tok:
             raise ConfigError(f"argument {tok!r} is not key=value (a config file goes after --config)")
