@@ -41,22 +41,114 @@ def test_seed_claims_on_the_real_linear_schedule():
     assert cos[0] > 0.99 * 0.01 and seed[0] < 1e-8
 
 
-def test_learnable_mean_is_lambda0_positive_and_trains():
-    ab = make_schedule("linear", 1000).alphas_cumprod
-    net = LearnableLambda(ab, lambda0=0.01, hidden=8)
-    tab = net.table()
-    assert torch.allclose(tab, torch.full_like(tab, 0.01))          # starts at λ0
+def test_learnable_starts_at_lambda0_and_bins_timesteps():
+    net = LearnableLambda(1000, lambda0=0.01, bins=4)
+    assert torch.allclose(net.table(), torch.full((1000,), 0.01))
+    t = torch.tensor([0, 249, 250, 499, 500, 999])
+    assert net.bin(t).tolist() == [0, 0, 1, 1, 2, 3]
     with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p))
-    tab = net.table()
-    assert tab.std() > 1e-4 and bool((tab > 0).all())
-    assert tab.mean().item() == pytest.approx(0.01, rel=1e-5)
-    t = torch.tensor([0, 10, 999])
-    lam = lambda_weight("learnable", ab[t].float(), t=t, net=net)
-    assert torch.allclose(lam, tab[t])
-    lam.sum().backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+        net.log_var.copy_(torch.tensor([0.0, 1.0, -1.0, 2.0]))
+    lam = lambda_weight("learnable", torch.rand(6), t=t, net=net)
+    assert torch.allclose(lam, 0.01 * torch.exp(-torch.tensor([0.0, 0.0, 1.0, 1.0, -1.0, 2.0])))
+    assert torch.allclose(net.regulariser(t), 0.01 * torch.tensor([0.0, 0.0, 1.0, 1.0, -1.0, 2.0]))
+
+
+@pytest.mark.parametrize("lambda0", [1.0, 0.01])
+def test_learnable_converges_to_log_of_a_constant_dice_loss(lambda0):
+    """Kendall's optimum: minimising λ0·(exp(-s)·D + s) over s gives s = log D, per bin."""
+    D = torch.tensor([0.05, 0.3, 0.9, 2.0])                      # a constant Dice loss per bin
+    net = LearnableLambda(100, lambda0=lambda0, bins=4)
+    t = torch.arange(100)
+    opt = torch.optim.Adam(net.parameters(), lr=0.05)
+    for _ in range(600):
+        opt.zero_grad()
+        loss = (net(t) * D[net.bin(t)] + net.regulariser(t)).mean()
+        loss.backward()
+        opt.step()
+    assert torch.allclose(net.log_var.detach(), D.log(), atol=2e-3)
+    assert torch.allclose(net.table()[[0, 25, 50, 99]], lambda0 / D, rtol=5e-3)
+
+
+def _hand_dice(logits, label):
+    """Soft Dice loss per (b, c), sigmoid, squared_pred, smooth_nr 0, smooth_dr 1e-5, by hand."""
+    p = torch.sigmoid(logits.double())
+    y = label.double()
+    inter = (p * y).sum((-1, -2))
+    return 1 - 2 * inter / ((p * p).sum((-1, -2)) + (y * y).sum((-1, -2)) + 1e-5)
+
+
+class _Fixed(torch.nn.Module):
+    def __init__(self, out, lam=None):
+        super().__init__()
+        self.out, self.lam = torch.nn.Parameter(out), lam
+
+    def forward(self, *args):
+        return self.out
+
+
+def _tiny_loss(sessions, schedule="power", combine="per_sample", lam_net=None):
+    """The loss of a 2-sample batch with fixed draws: targets (3, 1), t (0, 500), zero noise
+    and ε̂ = 0 (noise term 0), λ0 = 0.5, k = 2."""
+    from dualdiff.experiments.tadiff import TaDiffConfig, TaDiffLoss
+    cfg = TaDiffConfig.tiny()
+    cfg.noise_weight_map, cfg.schedule, cfg.lambda0, cfg.k = False, schedule, 0.5, 2.0
+    cfg.lambda_sessions, cfg.lambda_combine = sessions, combine
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.rand(2, 4, 3, 4, 4, generator=g),
+             "label": (torch.rand(2, 4, 4, 4, generator=g) > 0.5).float(),
+             "days": torch.zeros(2, 4), "treatments": torch.zeros(2, 4)}
+    out = torch.zeros(2, 7, 4, 4)
+    out[:, :4] = torch.randn(2, 4, 4, 4, generator=g)
+    loss_fn = TaDiffLoss(cfg)
+    target, t = torch.tensor([3, 1]), torch.tensor([0, 500])
+    loss_fn.draw = lambda B, device, shape: (target, t, torch.zeros(B, *shape))
+    loss, m = loss_fn(_Fixed(out, lam_net), batch)
+    return loss, m, _hand_dice(out[:, :4], batch["label"]), loss_fn.schedule.alphas_cumprod[t].double()
+
+
+def test_lambda_sessions_target_and_all_by_hand():
+    l0 = 0.5
+    tgt, _, D, ab = _tiny_loss("target")
+    al, _, D2, _ = _tiny_loss("all")
+    assert torch.equal(D, D2)
+    lam = l0 * ab ** 2
+    # target: λ(t)·√ᾱ on the target session (sample 0: session 3, sample 1: session 1), λ0 elsewhere
+    w_target = torch.tensor([[l0, l0, l0, lam[0] * ab[0].sqrt()],
+                             [l0, lam[1] * ab[1].sqrt(), l0, l0]], dtype=torch.float64)
+    # all (the seed's): λ(t) on every session, √ᾱ on the target
+    w_all = torch.stack([lam[0].repeat(4), lam[1].repeat(4)])
+    w_all[0, 3] *= ab[0].sqrt()
+    w_all[1, 1] *= ab[1].sqrt()
+    assert tgt.item() == pytest.approx((w_target * D).mean().item(), rel=1e-5)
+    assert al.item() == pytest.approx((w_all * D).mean().item(), rel=1e-5)
+    assert abs(tgt.item() - al.item()) > 0.05                  # ᾱ_500 ≈ 0.078: the options differ
+    # the seed's batch-mean form with "all": mean_{b,c}(a·D)·mean_b λ
+    sb, _, _, _ = _tiny_loss("all", combine="seed_batch_mean")
+    a = torch.ones(2, 4, dtype=torch.float64)
+    a[0, 3], a[1, 1] = ab[0].sqrt(), ab[1].sqrt()
+    assert sb.item() == pytest.approx(((a * D).mean() * lam.mean()).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("sessions", ["target", "all"])
+def test_learnable_loss_by_hand(sessions):
+    l0 = 0.5
+    net = LearnableLambda(1000, lambda0=l0, bins=2)
+    with torch.no_grad():
+        net.log_var.copy_(torch.tensor([0.3, -0.7]))
+    loss, m, D, ab = _tiny_loss(sessions, schedule="learnable", lam_net=net)
+    s = torch.tensor([0.3, -0.7], dtype=torch.float64)              # t = 0 -> bin 0, t = 500 -> bin 1
+    lam = l0 * torch.exp(-s)
+    w = torch.stack([lam[0].repeat(4), lam[1].repeat(4)])
+    if sessions == "target":
+        w = torch.full((2, 4), l0, dtype=torch.float64)
+        w[0, 3], w[1, 1] = lam[0], lam[1]
+    w[0, 3] *= ab[0].sqrt()
+    w[1, 1] *= ab[1].sqrt()
+    n_lam = 1 if sessions == "target" else 4
+    expected = (w * D).mean() + (l0 * s).mean() * n_lam / 4
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    loss.backward()
+    assert net.log_var.grad is not None and bool((net.log_var.grad != 0).all())
 
 
 def test_bad_arguments():

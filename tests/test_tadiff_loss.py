@@ -64,7 +64,7 @@ def _hand(cfg, out, batch, seed):
 @pytest.mark.parametrize("schedule", ["power", "cosine", "step"])
 def test_per_sample_weighting_matches_monai_times_hand_weights(require, schedule):
     require("monai")
-    cfg = _cfg(schedule=schedule, lambda0=0.3, p_random_target=0.5)
+    cfg = _cfg(schedule=schedule, lambda0=0.3, p_random_target=0.5, lambda_sessions="all")
     out = torch.randn(B, M + S, H, H)
     batch = _batch()
     model = FixedOutput(out)
@@ -88,7 +88,7 @@ def test_per_sample_weighting_matches_monai_times_hand_weights(require, schedule
 
 def test_seed_batch_mean_option_reproduces_mean_dice_times_mean_lambda(require):
     require("monai")
-    cfg = _cfg(schedule="power", lambda0=0.5, lambda_combine="seed_batch_mean")
+    cfg = _cfg(schedule="power", lambda0=0.5, lambda_combine="seed_batch_mean", lambda_sessions="all")
     out = torch.randn(B, M + S, H, H)
     batch = _batch(1)
     torch.manual_seed(3)

@@ -47,10 +47,12 @@ def test_resume_is_exact_with_the_learnable_lambda(tmp_path):
     la = [r["loss"] for r in a.history][3:]
     lb = [r["loss"] for r in b.history]
     assert la == lb
-    # the λ network trained with the model and still averages λ0 over t
+    # the log-variances trained with the model (from 0) and λ(t) = λ0·exp(-s) is what loads
     model, loaded = load_tadiff_model(tmp_path / "a")
+    s = model.lam.log_var.detach()
+    assert s.abs().max() > 0 and torch.equal(s, sa["lam.log_var"])
     tab = model.lam.table()
-    assert tab.std() > 0 and tab.mean().item() == pytest.approx(loaded.lambda0, rel=1e-5)
+    assert torch.allclose(tab, loaded.lambda0 * torch.exp(-s[model.lam.bin(torch.arange(loaded.T))]))
 
 
 def test_schedules_share_initial_weights_and_random_numbers(tmp_path):

@@ -3,15 +3,15 @@
 λ(t) from ᾱ_t (:func:`lambda_weight`): ``fixed`` λ0; ``power`` λ0·ᾱᵏ (k = 1 is the seed's
 "linear"); ``cosine`` λ0·sin²(πᾱ/2) (falls with noise); ``cosine_seed`` λ0·cos²(πᾱ/2) (the
 seed's written formula, which rises with noise — kept for reproduction); ``step`` λ0 if
-ᾱ > 0.5 else λ0/10; ``learnable`` a small positive MLP of (t/T, ᾱ) normalised so its mean over
-t is λ0 (:class:`LearnableLambda`).
+ᾱ > 0.5 else λ0/10; ``learnable`` λ0·exp(-s(t)) with s a learned per-timestep-bin log-variance trained by
+homoscedastic uncertainty weighting (:class:`LearnableLambda`: the loss gets
+λ0·(exp(-s)·L_dice + s), whose optimum is s = log L_dice).
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dualdiff.errors import ConfigError
@@ -22,31 +22,47 @@ LAMBDA_SCHEDULES = ("fixed", "power", "cosine", "cosine_seed", "step", "learnabl
 
 
 class LearnableLambda(nn.Module):
-    """λ(t) = λ0 · f(t/(T-1), ᾱ_t) / mean_{t'} f(t'/(T-1), ᾱ_{t'}) with f = softplus(MLP) > 0.
+    """Learned λ(t) by homoscedastic uncertainty weighting (Kendall, Gal & Cipolla, CVPR 2018).
 
-    ``alphas_cumprod``: the schedule's ᾱ table ``[T]``. The MLP (2 -> ``hidden`` -> 1, SiLU)
-    starts as a constant (last layer zero), i.e. at λ0 for every t; its mean over t stays λ0
-    whatever it learns. ``forward(t [B] int) -> λ [B]`` (float32).
+    A log-variance ``s_k`` per timestep bin k (``bins`` equal bins of 0..T-1, ``k(t) =
+    floor(t·bins/T)``; parameter ``log_var [bins]``, starting at 0, i.e. at λ0). The Dice part
+    of the loss for a sample at timestep t is
+
+        λ0 · ( exp(-s_{k(t)}) · D + s_{k(t)} )
+
+    (D: that sample's Dice loss as weighted by the experiment), so λ(t) = λ0·exp(-s_{k(t)})
+    (:meth:`forward`) and the regulariser λ0·s_{k(t)} (:meth:`regulariser`) keeps s from
+    running to +inf. λ0 = 1 is Kendall's form with the noise task's variance fixed at 1; λ0
+    only scales the term and leaves the optimum unchanged: d/ds = λ0(1 - e^{-s}·D) = 0 at
+    s = log D, i.e. each bin learns λ = λ0 / E[D | bin] (the Dice term's weight is inverse to
+    its own loss level per bin, a smooth interior optimum — unlike minimising Σ λ(t)·D(t)
+    under a mean constraint, which puts all the weight where D is smallest).
     """
 
-    def __init__(self, alphas_cumprod: torch.Tensor, lambda0: float = 0.01, hidden: int = 16) -> None:
+    def __init__(self, T: int, lambda0: float = 0.01, bins: int = 10) -> None:
         super().__init__()
-        ab = torch.as_tensor(alphas_cumprod, dtype=torch.float32).reshape(-1)
-        T = ab.shape[0]
-        self.lambda0 = float(lambda0)
-        self.register_buffer("features", torch.stack([torch.arange(T) / max(T - 1, 1), ab], 1),
-                             persistent=False)
-        self.mlp = nn.Sequential(nn.Linear(2, hidden), nn.SiLU(), nn.Linear(hidden, 1))
-        nn.init.zeros_(self.mlp[2].weight)
-        nn.init.constant_(self.mlp[2].bias, math.log(math.e - 1.0))  # softplus(b) = 1
+        if not (isinstance(T, int) and T >= 1):
+            raise ConfigError(f"T must be an int >= 1, got {T!r}")
+        if not (isinstance(bins, int) and 1 <= bins <= T):
+            raise ConfigError(f"learnable bins must be an int in [1, T={T}], got {bins!r}")
+        self.T, self.bins, self.lambda0 = T, bins, float(lambda0)
+        self.log_var = nn.Parameter(torch.zeros(bins))
+
+    def bin(self, t: torch.Tensor) -> torch.Tensor:
+        """Bin index ``floor(t·bins/T)`` of integer timesteps ``t`` (clamped to [0, bins-1])."""
+        return (t.long() * self.bins // self.T).clamp(0, self.bins - 1)
 
     def table(self) -> torch.Tensor:
         """λ at every t = 0..T-1, ``[T]``."""
-        f = F.softplus(self.mlp(self.features)).squeeze(1)
-        return self.lambda0 * f / f.mean()
+        return self.forward(torch.arange(self.T, device=self.log_var.device))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.table()[t.long()]
+        """λ(t) = λ0·exp(-s_{k(t)}) ``[B]`` for integer timesteps ``t [B]``."""
+        return self.lambda0 * torch.exp(-self.log_var[self.bin(t.to(self.log_var.device))])
+
+    def regulariser(self, t: torch.Tensor) -> torch.Tensor:
+        """λ0·s_{k(t)} ``[B]`` (add its batch mean to the loss beside the λ-weighted Dice)."""
+        return self.lambda0 * self.log_var[self.bin(t.to(self.log_var.device))]
 
 
 def lambda_weight(schedule: str, alphabar: torch.Tensor, *, lambda0: float = 0.01, k: float = 2.0,

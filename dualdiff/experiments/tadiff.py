@@ -12,26 +12,48 @@ UNet (:class:`dualdiff.models.tadiff.TaDiffNet`, 12 input / 7 output channels). 
                   s = Σ_sessions label  (the public map; ``noise_weight_map=false``: w = 1)
     Dice[b, c]  = soft Dice loss, sigmoid, squared_pred, smooth_nr 0, smooth_dr 1e-5 (public flags)
     a[b, c]     = √ᾱ_{t_b} for the target session c = j_b, else 1          (public code)
-    Dice term   = mean_{b,c} λ(t_b) · a[b, c] · Dice[b, c]                 ("per_sample", default)
-                = mean_{b,c}(a · Dice) · mean_b λ(t_b)                    ("seed_batch_mean")
+    Λ_b         = λ(t_b)                                                   ("per_sample", default)
+                = mean_b' λ(t_b')                                          ("seed_batch_mean")
+    w[b, c]     = Λ_b · a[b, c]  for c = j_b;  λ0 for c ≠ j_b              ("target", default)
+                = Λ_b · a[b, c]  for every c                               ("all", the seed's)
+    Dice term   = mean_{b,c} w[b, c] · Dice[b, c]  (+ the learnable regulariser below)
     loss        = noise term + Dice term
 
 The Dice term is one call of the fused :func:`dualdiff.ops.weighted_dice_loss` with the
-``[B, C]`` weight λ(t_b)·a[b, c]. ``seed_batch_mean`` is the seed's written code
-(``mean(dice) * mean(lambda)``): one noisy constant weight per batch, kept only to reproduce it.
+``[B, C]`` weight w. ``seed_batch_mean`` is the seed's written code (``mean(dice) *
+mean(lambda)``; with ``all`` it equals mean_{b,c}(a·Dice)·mean_b λ): one noisy constant weight
+per batch, kept only to reproduce it.
+
+``lambda_sessions``: λ(t)'s rationale (the target's mask is harder to predict from a noisier
+x_t) applies to the target session only; the reference sessions' inputs are clean whatever t
+is. ``target`` (default) scales only the target session's Dice by λ(t) and gives the reference
+sessions the constant λ0 — the structure of the public TaDiff-Net code, whose ``get_loss``
+multiplies the target session's Dice by √ᾱ_t and then every session's Dice by one constant
+(``torch.mean(dice_loss) * cfg.aux_loss_w``), so no time-dependent factor touches a reference
+session there. ``all`` is the seed document's code (λ(t) on every session), kept as a named
+option to reproduce it. For ``fixed`` the two coincide.
 
 λ(t) (:func:`lambda_weight`, ᾱ = ᾱ_t of the linear β schedule 1e-4..0.02, T = 1000):
 ``fixed`` λ0; ``power`` λ0·ᾱᵏ (k = 1 is the seed's "linear"); ``cosine`` λ0·sin²(πᾱ/2) (falls
 with noise, as the seed intends); ``cosine_seed`` λ0·cos²(πᾱ/2) (the seed's written formula,
 which *rises* with noise — inverted, kept for reproduction); ``step`` λ0 if ᾱ > 0.5 else λ0/10;
-``learnable`` a small positive MLP of (t/T, ᾱ) normalised so its mean over t is λ0
-(:class:`LearnableLambda`, trained with the model). With the real schedule ᾱ_{T/2} ≈ 0.079
+``learnable`` λ(t) = λ0·exp(-s_{k(t)}) with s a learned log-variance per timestep bin
+(``learnable_bins`` equal bins, :class:`LearnableLambda`, trained with the model) by
+homoscedastic uncertainty weighting (Kendall et al. 2018): the loss gains the regulariser
+mean_b λ0·(n_λ/S)·s_{k(t_b)} (n_λ = the number of sessions λ scales: 1 for ``target``, S for
+``all``), i.e. per sample λ0·(exp(-s)·D + s) with D the mean over those sessions of a·Dice,
+so each bin's optimum is s = log E[D | bin] and λ = λ0 / E[D | bin]. With the real schedule ᾱ_{T/2} ≈ 0.079
 (not 0.5, as the seed assumes) and λ(T) = λ0·ᾱ_{T-1}² ≈ 1.6e-11 (not 1e-4).
 
 Training goes through :class:`dualdiff.train.Trainer`; defaults are the public configuration
 (AdamW lr 5e-3, weight decay 3e-5, 100-step warm-up then cosine, clip 1.5, batch 16 x
 accumulation 4, 60 k steps). Sweeps train every schedule from the same initial weights on
 the same batches, targets, timesteps and noise (the same seeds: common random numbers).
+
+Size (over ~500 lines): config, the loss (TaDiff's weighted noise map, input assembly),
+training, the evaluation (losses, Dice vs t, sampled sessions) and the sweep / plots / demo
+entry points; λ(t) already lives in :mod:`dualdiff.diffusion.loss_weights`. The evaluation
+helpers are the next candidates to move out.
 """
 from __future__ import annotations
 
@@ -123,7 +145,9 @@ class TaDiffConfig:
     """One tadiff run (or sweep). Keys besides ``model`` / ``data`` / ``train``:
 
     ``schedule`` (λ(t), one of ``LAMBDA_SCHEDULES``), ``lambda0``, ``k``, ``lambda_combine``
-    (``per_sample`` | ``seed_batch_mean``), ``learnable_hidden``; ``noise_weight_map`` (the public
+    (``per_sample`` | ``seed_batch_mean``), ``lambda_sessions`` (``target``: λ(t) scales the
+    target session's Dice only, the references get λ0 | ``all``: every session, the seed's),
+    ``learnable_bins`` (timestep bins of the learnable log-variance); ``noise_weight_map`` (the public
     tumour-weighted noise MSE); ``T`` / ``beta_start`` / ``beta_end`` (linear β);
     ``p_random_target``; ``schedules``: the schedules ``dualdiff tadiff sweep`` trains (a key,
     not a flag: ``schedules=fixed,power``). Evaluation: ``eval_batches`` validation batches of
@@ -138,7 +162,8 @@ class TaDiffConfig:
     lambda0: float = 0.01
     k: float = 2.0
     lambda_combine: Literal["per_sample", "seed_batch_mean"] = "per_sample"
-    learnable_hidden: int = 16
+    lambda_sessions: Literal["target", "all"] = "target"
+    learnable_bins: int = 10
     noise_weight_map: bool = True
     T: int = 1000
     beta_start: float = 1e-4
@@ -178,7 +203,13 @@ class TaDiffConfig:
             raise ConfigError(f"data.sessions ({self.data.sessions}) must be >= model.sessions ({self.model.sessions})")
         if self.model.modalities != 3:
             raise ConfigError(f"model.modalities must be 3 (T1, T1c, FLAIR), got {self.model.modalities}")
-        for name in ("learnable_hidden", "eval_batches", "eval_t_points", "sample_cases", "num_samples"):
+        if self.lambda_sessions not in ("target", "all"):
+            raise ConfigError(f"lambda_sessions must be 'target' or 'all', got {self.lambda_sessions!r}")
+        if self.lambda_combine not in ("per_sample", "seed_batch_mean"):
+            raise ConfigError(f"lambda_combine must be 'per_sample' or 'seed_batch_mean', got {self.lambda_combine!r}")
+        if not 1 <= self.learnable_bins <= self.T:
+            raise ConfigError(f"learnable_bins must be in [1, T={self.T}], got {self.learnable_bins}")
+        for name in ("eval_batches", "eval_t_points", "sample_cases", "num_samples"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 1 <= self.sample_steps <= self.T:
@@ -241,7 +272,7 @@ def build_tadiff_model(cfg: TaDiffConfig) -> TaDiffModel:
     net = TaDiffNet(cfg.model)
     lam = None
     if cfg.schedule == "learnable":
-        lam = LearnableLambda(build_tadiff_schedule(cfg).alphas_cumprod, cfg.lambda0, cfg.learnable_hidden)
+        lam = LearnableLambda(cfg.T, cfg.lambda0, cfg.learnable_bins)
     return TaDiffModel(net, lam)
 
 
@@ -368,14 +399,21 @@ class TaDiffLoss:
         t = torch.randint(0, T, (B,), device=device)
         return target, t, torch.randn((B, *shape), device=device)
 
-    def dice_term(self, logits: torch.Tensor, label: torch.Tensor, lam: torch.Tensor, a: torch.Tensor
+    def dice_weights(self, lam: torch.Tensor, a: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+        """The Dice weights w ``[B, S]`` from λ ``[B]``, the target scaling ``a [B, S]`` and the
+        target one-hot ``[B, S]`` (module docstring: ``lambda_combine``, ``lambda_sessions``)."""
+        if self.cfg.lambda_combine == "seed_batch_mean":
+            lam = lam.mean().expand_as(lam)
+        w = lam[:, None] * a
+        if self.cfg.lambda_sessions == "target":
+            w = torch.where(onehot.bool(), w, torch.full_like(w, self.cfg.lambda0))
+        return w
+
+    def dice_term(self, logits: torch.Tensor, label: torch.Tensor, w: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(weighted Dice term, unweighted mean Dice loss (detached))`` from mask logits
-        ``[B, S, H, W]``, λ ``[B]`` and the target scaling ``a [B, S]``: one fused call."""
-        if self.cfg.lambda_combine == "per_sample":
-            term = weighted_dice_loss(logits, label, lam[:, None] * a, **DICE_FLAGS)
-        else:
-            term = weighted_dice_loss(logits, label, a, **DICE_FLAGS) * lam.mean()
+        ``[B, S, H, W]`` and the weights ``w [B, S]`` (:meth:`dice_weights`): one fused call."""
+        term = weighted_dice_loss(logits, label, w, **DICE_FLAGS)
         with torch.no_grad():
             plain = weighted_dice_loss(logits.detach(), label, None, **DICE_FLAGS)
         return term, plain
@@ -397,12 +435,17 @@ class TaDiffLoss:
         noise_loss = (sq * wmap).mean() if wmap is not None else sq.mean()
         lam_net = getattr(unwrap_model(model), "lam", None)
         lam = lambda_weight(cfg.schedule, ab, lambda0=cfg.lambda0, k=cfg.k, t=t, net=lam_net)
-        oh = F.one_hot(target, S).to(ab.dtype)
+        oh = F.one_hot(target % S, S).to(ab.dtype)
         a = 1.0 + oh * (ab.sqrt()[:, None] - 1.0)                         # √ᾱ on the target session
-        dice_term, dice_plain = self.dice_term(logits, lab, lam, a)
+        dice_term, dice_plain = self.dice_term(logits, lab, self.dice_weights(lam, a, oh))
         metrics = {"noise_loss": noise_loss.detach(), "noise_mse": sq.mean().detach(),
                    "dice_loss": dice_plain, "dice_term": dice_term.detach(),
                    "lambda_mean": lam.detach().mean()}
+        if cfg.schedule == "learnable":                                    # Kendall's + s term
+            n_lam = 1 if cfg.lambda_sessions == "target" else S
+            reg = lam_net.regulariser(t).mean() * (n_lam / S)
+            metrics["lambda_reg"] = reg.detach()
+            dice_term = dice_term + reg
         return noise_loss + dice_term, metrics
 
 
@@ -580,7 +623,7 @@ def evaluate_tadiff(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | 
     ``checkpoint``: file or run directory (:func:`dualdiff.experiments.run.load_run`). The
     stored config is used, or ``config`` (the stored one with the CLI's ``--config`` /
     ``key=value`` applied), with ``overrides`` (``key=value``) of its evaluation and data keys
-    (``model.*``, ``schedule``, ``lambda_combine`` and ``learnable_hidden`` describe the
+    (``model.*``, ``schedule``, ``lambda_combine``, ``lambda_sessions`` and ``learnable_bins`` describe the
     trained model and cannot change). ``device``: None = the config's ``train.device``.
     Writes ``eval.json`` and ``samples.pt`` to ``out_dir`` (default: the run directory) and
     returns the result dict.
@@ -593,7 +636,7 @@ def evaluate_tadiff(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | 
     cfg = copy.deepcopy(config) if config is not None else stored
     if overrides:
         cfg = apply_overrides(cfg, list(overrides))
-    changed = [k for k in ("model", "schedule", "lambda_combine", "learnable_hidden")
+    changed = [k for k in ("model", "schedule", "lambda_combine", "lambda_sessions", "learnable_bins")
                if getattr(cfg, k) != getattr(stored, k)]
     if changed:
         raise ConfigError(f"eval cannot change the trained model's keys: {changed}")
