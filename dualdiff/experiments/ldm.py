@@ -26,6 +26,11 @@ Pipeline, all in one run folder ``R``:
    autoencoder-encoder features (pooled posterior means) against the test tiles, and the loss
    per t quartile for every objective (the model's prediction converted to each).
 6. ``plot`` — training curves (loss, LR), loss per t quartile, conditioning error, grids.
+
+Size (over ~500 lines): the six pipeline stages share one config and one run folder; the codec
+is in :mod:`dualdiff.models.codec` and guidance in :mod:`dualdiff.diffusion.samplers`; the
+evaluation metrics (conditioning error, AE-feature Fréchet distance, loss per t quartile) are
+the next candidates for ``dualdiff.metrics``.
 """
 from __future__ import annotations
 

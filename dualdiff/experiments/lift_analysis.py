@@ -21,6 +21,10 @@ Files written in ``out_dir``:
   the demo adds ``training_images.png`` and ``data_vs_samples.png`` (training images beside
   the samples of every path);
 * ``mse.json``; ``fid.json``; ``fid_<kind>/*.png`` and ``real/*.png`` for FID.
+
+Size (over ~500 lines): the seven analysis steps and the demo pipeline that chains them share
+the config and the file layout above; the computations themselves live in
+:mod:`dualdiff.analysis`.
 """
 from __future__ import annotations
 

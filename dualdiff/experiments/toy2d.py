@@ -80,6 +80,11 @@ Outputs under ``out_dir``::
     train/checkpoints/                    grid checkpoints (every ``train.checkpoint_every``
                                           steps and the final one): ``run_grid(resume=True)`` /
                                           ``dualdiff toy2d run --resume`` continue from them
+
+Size (over ~500 lines): the config, the stacked grid model and its per-run batch streams,
+training, evaluation and the result files of one grid stay together because every part is
+specific to training many tiny runs at once; :class:`ToyGridModel` / :class:`RunBatches` /
+:class:`GridBatches` are the next candidates for ``dualdiff.models`` / ``dualdiff.data``.
 """
 from __future__ import annotations
 

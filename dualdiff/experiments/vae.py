@@ -36,6 +36,9 @@ Outputs of :func:`train_vae` under ``out_dir``: the Trainer's ``metrics.jsonl`` 
 reconstructions below), ``recon_final/grid.png``, ``metrics.json`` (validation and test
 metrics: PSNR, SSIM, high-pass error, active units, accuracy per environment),
 ``training.png`` (loss terms and β).
+
+Size (over ~500 lines): KL annealing, config, loss, evaluation and the train / loo / sweep /
+demo entry points; the image metrics are in :mod:`dualdiff.metrics.image`.
 """
 from __future__ import annotations
 
