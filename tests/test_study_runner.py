@@ -97,6 +97,7 @@ def test_failed_run_is_reported_then_redone(tmp_path):
     assert {c["verdict"] for c in rep["claims"]} == {INCONCLUSIVE}
     md = (tmp_path / "study.md").read_text()
     assert "INCOMPLETE: 4 of 12 runs failed" in md and "worse/seed_1" in md
+    assert "| worse | " in md and "no value for seeds [1, 2]" in md
 
     calls.clear()
     rep2 = run_study(make_study(calls), tmp_path, progress=False)

@@ -50,7 +50,7 @@ def test_toy2d_study_cli_end_to_end(tmp_path, capsys):
                  - rep["arm_results"][c["baseline"]]["kl_divergence"]["values"][s]
                  for s in ("0", "1")]
         assert c["interval"]["mean"] == pytest.approx(sum(diffs) / 2)
-    assert len(rep["comparisons"]) == 3 * 4 * 2
+    assert len(rep["comparisons"]) == (3 + 1) * 4 * 2     # 3 variants - baseline, adaptive - fixed
 
     # a rerun skips every finished run
     assert main(["toy2d", "study", "--out-dir", str(out), *SMALL]) == 0

@@ -164,7 +164,8 @@ def format_markdown(report: Mapping[str, Any], figure: str | None = "study.png")
         cells = []
         for m in metrics:
             r = report["arm_results"][a][m["name"]]
-            cells += [_ci(r["interval"]), _fmt(r["cited"])]
+            gap = f"; no value for seeds {r['missing_seeds']}" if r["missing_seeds"] else ""
+            cells += [_ci(r["interval"]) + gap, _fmt(r["cited"])]
         L.append(f"| {a} | " + " | ".join(cells) + " |")
     L.append("")
     if report.get("cited_source"):
@@ -177,7 +178,9 @@ def format_markdown(report: Mapping[str, Any], figure: str | None = "study.png")
         L.append("| arm | baseline | metric | difference |")
         L.append("|---|---|---|---|")
         for c in report["comparisons"]:
-            L.append(f"| {c['arm']} | {c['baseline']} | {c['metric']} | {_ci(c['interval'])} |")
+            gap = f"; seeds {c['missing_seeds']} missing" if c["missing_seeds"] else ""
+            L.append(f"| {c['arm']} | {c['baseline']} | {c['metric']} | "
+                     f"{_ci(c['interval'])}{gap} |")
         L.append("")
     L.append("## Runs")
     L.append("")
@@ -205,8 +208,8 @@ def format_markdown(report: Mapping[str, Any], figure: str | None = "study.png")
 
 def plot_report(report: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """One figure: per metric, every arm's mean with its 95 % CI (dots: the seeds, red x:
-    the seed document's number); per claim, the two arms' per-seed values joined by seed,
-    their means with CI, and the verdict in the title."""
+    the seed document's number); every claim's paired difference with its CI; per claim, the
+    two arms' per-seed values joined by seed, their means with CI, the verdict in the title."""
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
@@ -214,7 +217,7 @@ def plot_report(report: Mapping[str, Any], path: str | os.PathLike) -> Path:
     metrics = report["metrics"]
     claims = report["claims"]
     arms = report["arms"]
-    ncols = max(len(metrics), len(claims), 1)
+    ncols = max(len(metrics) + (1 if claims else 0), len(claims), 1)
     top_h = max(2.5, 0.28 * len(arms) + 1)
     rows = 2 if claims else 1
     fig = plt.figure(figsize=(max(4.2 * ncols, 8), top_h + (3.2 if claims else 0)),
@@ -240,6 +243,23 @@ def plot_report(report: Mapping[str, Any], path: str | os.PathLike) -> Path:
         ax.set_title(f"{m['label']}: mean, 95 % CI" + (" (x: seed's)" if j == 0 else ""),
                      fontsize=9)
     colours = {"supported": "C2", "contradicted": "C3"}
+    if claims:  # the verdicts' quantity: each claim's paired difference with its interval
+        ax = fig.add_subplot(gs[0, len(metrics)])
+        for i, c in enumerate(claims):
+            iv = c["interval"]
+            for d in c["diffs"].values():
+                ax.plot([d], [i], ".", color="0.6", ms=4)
+            if iv["mean"] is not None:
+                err = None if iv["low"] is None else \
+                    [[iv["mean"] - iv["low"]], [iv["high"] - iv["mean"]]]
+                ax.errorbar([iv["mean"]], [i], xerr=err, fmt="o", capsize=3,
+                            color=colours.get(c["verdict"], "0.3"))
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_yticks(range(len(claims)), [c["name"] for c in claims], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("paired difference (arm − baseline)")
+        ax.set_title("claims: paired difference, 95 % CI\n(green supported, red contradicted)",
+                     fontsize=9)
     for j, c in enumerate(claims):
         ax = fig.add_subplot(gs[1, j])
         res = [report["arm_results"][c["baseline"]][c["metric"]],
