@@ -1,4 +1,4 @@
-"""``dualdiff tadiff ...``: make-data, train, sweep, eval, plot, demo.
+"""``dualdiff tadiff ...``: make-data, train, sweep, eval, plot, demo, study.
 
 Every command but ``plot`` takes the shared options (``--config`` YAML, ``key=value``
 overrides of :class:`dualdiff.experiments.tadiff.TaDiffConfig`, ``--show-config``, ``--device``;
@@ -88,7 +88,7 @@ def _demo(args) -> int:
 
 
 def register_tadiff_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``dualdiff tadiff {make-data,train,sweep,eval,plot,demo}``."""
+    """Add ``dualdiff tadiff {make-data,train,sweep,eval,plot,demo,study}``."""
     from dualdiff.cli_common import add_run_options
     from dualdiff.experiments.tadiff import TADIFF_PRESETS, TaDiffConfig
 
@@ -123,3 +123,6 @@ def register_tadiff_commands(subparsers: argparse._SubParsersAction) -> None:
                                     "evaluation, table and figures (a few CPU minutes)")
     add_run_options(p, TaDiffConfig, presets=TADIFF_PRESETS, default_preset="demo", out_dir="run", resume=False)
     p.set_defaults(func=_demo)
+
+    from dualdiff.experiments.tadiff_study import register_tadiff_study  # dualdiff tadiff study
+    register_tadiff_study(sub)

@@ -6,7 +6,9 @@
 * ``plot_dice_vs_t``: Dice (threshold 0.5) of the one-step mask head vs t, target (solid) and
   reference sessions (dashed), per schedule;
 * ``plot_sample_grid``: per case the input sessions (FLAIR), the true and predicted target
-  image and mask, and the per-pixel standard deviation over samples (uncertainty).
+  image and mask, and the per-pixel standard deviation over samples (uncertainty);
+* ``plot_demo_summary``: the demo's one figure (the data beside each schedule's denoised target
+  and predicted mask, the headline number in the title).
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ import torch
 
 from dualdiff.analysis.plots import _plt, save_figure
 
-__all__ = ["plot_lambda_schedules", "plot_loss_curves", "plot_dice_vs_t", "plot_sample_grid"]
+__all__ = ["plot_lambda_schedules", "plot_loss_curves", "plot_dice_vs_t", "plot_sample_grid",
+           "plot_demo_summary"]
 
 _CURVE_SCHEDULES = ("fixed", "power", "cosine", "cosine_seed", "step")
 
@@ -122,5 +125,45 @@ def plot_sample_grid(samples: dict[str, torch.Tensor], case: dict[str, torch.Ten
                 ax[n, j].set_title(names[j], fontsize=8)
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    return save_figure(fig, out_path)
+
+
+def plot_demo_summary(case: dict[str, torch.Tensor], samples: dict[str, dict[str, torch.Tensor]],
+                      per_case: dict[str, dict[str, list[float]]], out_path: str | os.PathLike,
+                      title: str, max_cases: int = 4) -> Path:
+    """The demo's one figure: per case (row) the data (last reference FLAIR, true target FLAIR
+    with the true mask outlined), then per schedule the denoised target FLAIR (sample mean) with
+    its predicted mask (> 0.5) outlined in the schedule's colour, titled with that case's Dice;
+    ``title`` carries the headline number."""
+    plt = _plt()
+    names = list(samples)
+    n = min(max_cases, case["image"].shape[0])
+    cols = 2 + len(names)
+    fig, ax = plt.subplots(n, cols, figsize=(1.9 * cols, 1.9 * n + 0.9), squeeze=False)
+    colors = plt.get_cmap("tab10")
+    for i in range(n):
+        true_mask = np.asarray(case["label"][i, -1], dtype=np.float32)
+        ax[i, 0].imshow(np.asarray(case["image"][i, -2, 2], dtype=np.float32), cmap="gray", vmin=0, vmax=1)
+        ax[i, 1].imshow(np.asarray(case["image"][i, -1, 2], dtype=np.float32), cmap="gray", vmin=0, vmax=1)
+        if true_mask.max() > 0.5:
+            ax[i, 1].contour(true_mask, levels=[0.5], colors="lime", linewidths=0.8)
+        for j, name in enumerate(names):
+            a = ax[i, 2 + j]
+            img = np.asarray(samples[name]["image"][i, :, 2].mean(0), dtype=np.float32)
+            prob = np.asarray(samples[name]["mask"][i].mean(0), dtype=np.float32)
+            a.imshow(img, cmap="gray", vmin=0, vmax=1)
+            if true_mask.max() > 0.5:
+                a.contour(true_mask, levels=[0.5], colors="lime", linewidths=0.6, linestyles="dotted")
+            if prob.max() > 0.5:
+                a.contour(prob, levels=[0.5], colors=[colors(j % 10)], linewidths=0.9)
+            a.set_title(f"{name}: Dice {per_case[name]['dice'][i]:.2f}", fontsize=7)
+        if i == 0:
+            ax[i, 0].set_title("data: last reference", fontsize=7)
+            ax[i, 1].set_title("data: true target (mask)", fontsize=7)
+        for a in ax[i]:
+            a.set_xticks([])
+            a.set_yticks([])
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return save_figure(fig, out_path)
