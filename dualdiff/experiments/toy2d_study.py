@@ -72,8 +72,8 @@ def _tiny() -> Toy2DStudyConfig:
     """The CPU preset: toy2d's tiny sizes (1000 points, 16/32-wide one-layer models) trained
     10x longer than its smoke preset, with the template's batch of 256 (a step of these tiny
     stacked models costs about the same at 64 and 256) and 1000 samples per run for the KL;
-    4 seeds, one CPU thread. Budget: at most 15 minutes on 2 shared CPU cores (measured about
-    9 minutes at a load average of 8-10)."""
+    4 seeds, one CPU thread. Budget: at most 15 minutes on 2 shared CPU cores (measured 7.5
+    minutes wall, 3.2 minutes of CPU, at a load average of 6-10 on 2 cores)."""
     exp = Toy2DConfig.from_name("tiny")
     exp = dataclasses.replace(exp, n_samples=1000, train=dataclasses.replace(
         exp.train, steps=2000, batch_size=256, log_every=500))
