@@ -111,16 +111,8 @@ def test_the_graph_sees_the_imports():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-#: cycles outside this suite's owners' files, reported to their owner rather than hidden: the study
-#: package (in progress) has runner.run_study import report lazily while report imports runner.
-#: The test fails when one of them is gone too, so that the entry is removed with the fix.
-KNOWN_ELSEWHERE = [["dualdiff.study.report", "dualdiff.study.runner"]]
-
-
 def test_no_import_cycles():
-    cycles = _cycles(GRAPH)
-    assert [c for c in cycles if c not in KNOWN_ELSEWHERE] == []
-    assert [c for c in KNOWN_ELSEWHERE if c not in cycles] == [], "fixed: remove it from KNOWN_ELSEWHERE"
+    assert _cycles(GRAPH) == []
 
 
 def test_analysis_never_imports_experiments_or_the_cli():

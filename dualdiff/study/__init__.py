@@ -3,6 +3,7 @@
 * :mod:`dualdiff.study.stats`  Student-t intervals, paired differences, the verdict rule
 * :mod:`dualdiff.study.runner` runs = arms x seeds, resumable, sharded over torchrun ranks
 * :mod:`dualdiff.study.report` study.md, study.json and study.png
+* :mod:`dualdiff.study.orchestrator` ``run_study``: runs, gather, report
 * :mod:`dualdiff.study.cli`    ``add_study_command``: the ``dualdiff <exp> study`` command
 
 An experiment adds its study by building a :class:`Study` (arms, seeds, metrics, claims and an
@@ -12,7 +13,8 @@ registering it with :func:`add_study_command` (example: :mod:`dualdiff.experimen
 from __future__ import annotations
 
 from dualdiff.study.cli import StudySettings, add_study_command
-from dualdiff.study.runner import Claim, Comparison, Metric, Run, RunRecord, Study, run_study
+from dualdiff.study.orchestrator import run_study
+from dualdiff.study.runner import Claim, Comparison, Metric, Run, RunRecord, Study
 from dualdiff.study.stats import VERDICT_RULE, Interval, paired_interval, t_interval, verdict
 
 __all__ = ["Study", "Metric", "Claim", "Comparison", "Run", "RunRecord", "run_study",

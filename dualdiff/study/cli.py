@@ -94,7 +94,7 @@ def study_config_from_args(args: argparse.Namespace) -> Any:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from dualdiff.study.runner import run_study
+    from dualdiff.study.orchestrator import run_study
 
     cfg = study_config_from_args(args)
     if not logging.getLogger().handlers:
@@ -128,7 +128,7 @@ def add_study_command(subparsers: Any, config_cls: type,
     ``config_cls``: the study config (a :class:`StudySettings` subclass with an ``experiment``
     field); ``presets``: name -> instance or factory; ``build(config, preset_name) -> Study``
     (:class:`dualdiff.study.runner.Study`). The command runs
-    :func:`dualdiff.study.runner.run_study` and exits 1 when a run failed.
+    :func:`dualdiff.study.orchestrator.run_study` and exits 1 when a run failed.
     """
     from dualdiff.cli_common import add_run_options
 

@@ -39,7 +39,7 @@ from dualdiff.errors import ConfigError
 
 __all__ = ["Run", "RunRecord", "Metric", "Claim", "Comparison", "Study", "plan_runs",
            "shard", "run_dir", "atomic_write_json", "load_record", "execute_runs",
-           "run_study", "config_fingerprint"]
+           "config_fingerprint"]
 
 log = logging.getLogger("dualdiff.study")
 
@@ -339,58 +339,3 @@ def _check_manifest(study: Study, out: Path, write: bool = True) -> None:
         atomic_write_json(p, {"study": study.name, "fingerprint": study.fingerprint,
                               "arms": study.arms, "seeds": study.seeds,
                               "config": study.config})
-
-
-def run_study(study: Study, out_dir: str | os.PathLike, *, progress: bool = True,
-              write: bool = True, dist_timeout: datetime.timedelta | None = None
-              ) -> dict[str, Any] | None:
-    """Run (or finish) ``study`` in ``out_dir`` and write its report.
-
-    Single process: every run here. Under torchrun (``WORLD_SIZE > 1``): this rank's share
-    (:func:`shard`), then a gloo group gathers every rank's records (``dist_timeout``: how
-    long a rank waits for the slowest one, default 7 days) and rank 0 writes the report.
-    Returns the report (:func:`dualdiff.study.report.build_report`) on rank 0 (None on the
-    other ranks); ``write=False`` skips writing the files.
-    """
-    import torch.distributed as dist
-
-    from dualdiff.study.report import build_report, write_report
-
-    if dist.is_available() and dist.is_initialized():
-        raise RuntimeError("run_study starts its own process group after the runs: call it "
-                           "before torch.distributed is initialised (the experiment's runs must "
-                           "not join a DDP group)")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0")) if world > 1 else 0
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_manifest(study, out, write=rank == 0)
-    t0 = time.perf_counter()
-    all_runs = plan_runs(study.arms, study.seeds)
-    mine = shard(all_runs, rank, world)
-    records = execute_runs(study, mine, out, rank=rank, progress=progress)
-    seconds = time.perf_counter() - t0
-    if world > 1:
-        from dualdiff.train.distributed import init_distributed
-        timeout = dist_timeout or datetime.timedelta(days=7)
-        init_distributed(backend="gloo", device=None, timeout=timeout)
-        try:
-            gathered: list[Any] = [None] * world
-            dist.all_gather_object(gathered, (rank, records, seconds))
-        finally:
-            dist.destroy_process_group()
-        if rank != 0:
-            return None
-        records = [rec for _, recs, _ in gathered for rec in recs]
-        rank_seconds = {r: s for r, _, s in gathered}
-    else:
-        rank_seconds = {0: seconds}
-    by_index = {rec.run.index: rec for rec in records}
-    if sorted(by_index) != [r.index for r in all_runs]:
-        raise RuntimeError("the gathered records do not cover every run of the study")
-    ordered = [by_index[r.index] for r in all_runs]
-    report = build_report(study, ordered, timing={"seconds_per_rank": rank_seconds,
-                                                  "world_size": world})
-    if write:
-        write_report(report, out)
-    return report
