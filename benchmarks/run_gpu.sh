@@ -37,10 +37,10 @@ BUDGET_S=${BUDGET_S:-420}
 ALL_STAGES=(preflight build kernel-tests cuda-tests report sanitizer)
 declare -A LIMIT=([preflight]=$PREFLIGHT_S [build]=$BUILD_S [kernel-tests]=$KERNEL_TESTS_S
                   [cuda-tests]=$CUDA_TESTS_S [report]=$REPORT_S [sanitizer]=$SANITIZER_S
-                  [lift]=${LIFT_S:-570} [experiments]=${EXP_S:-540})
+                  [lift]=${LIFT_S:-570} [experiments]=${EXP_S:-590})
 declare -A FILES=([preflight]="summary.txt" [build]="build.log" [kernel-tests]="kernel_tests.log"
                   [cuda-tests]="cuda_tests.log" [report]="report.md rows.json"
-                  [sanitizer]="sanitizer.log" [lift]="bench_lift.md" [experiments]="bench_experiments.md")
+                  [sanitizer]="sanitizer.log" [lift]="bench_lift.md" [experiments]="bench_experiments.md auto_vs_torch.json")
 declare -A WHAT=(
   [preflight]="a CUDA device (nvidia-smi, torch.cuda.is_available()), else stop with one line"
   [build]="pip install --no-build-isolation --no-deps . for this GPU's architecture only; fails unless dualdiff._C has CUDA kernels and the cuda and triton backends are usable on the GPU"
@@ -49,7 +49,7 @@ declare -A WHAT=(
   [report]="gpu_report.py: each op's time, ratio to eager, GB/s and share of the copy bandwidth"
   [sanitizer]="compute-sanitizer memcheck, racecheck and synccheck (side by side) of sanitize_kernels.py: every CUDA and Triton kernel once per dtype and code path"
   [lift]="bench_lift.py --device cuda"
-  [experiments]="bench_tadiff, bench_vae_train, bench_ldm --device cuda at the default presets")
+  [experiments]="bench_tadiff, bench_vae_train, bench_ldm --device cuda at the default presets; bench_auto_vs_torch (auto vs DUALDIFF_BACKEND=torch, every experiment, tiny and default)")
 if [ -n "${KERNEL_TESTS:-}" ]; then
   read -r -a KERNEL_TEST_FILES <<< "$KERNEL_TESTS"
 else
@@ -277,6 +277,9 @@ experiments() {
   limited 180 "$log" "${PY[@]}" benchmarks/bench_tadiff.py --device cuda --model default --batch 16 || rc=$?
   limited 180 "$log" "${PY[@]}" benchmarks/bench_vae_train.py --device cuda --preset default --batch 32 || rc=$?
   limited 180 "$log" "${PY[@]}" benchmarks/bench_ldm.py --device cuda --preset default --image-size 256 || rc=$?
+  # issue 18 item 6 on the GPU: every experiment's step, auto vs DUALDIFF_BACKEND=torch, alternating
+  limited 300 "$log" "${PY[@]}" benchmarks/bench_auto_vs_torch.py --device cuda --presets tiny,default \
+    --json "$OUT/auto_vs_torch.json" || rc=$?
   return "$rc"
 }
 
