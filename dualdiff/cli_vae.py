@@ -1,10 +1,11 @@
-"""``dualdiff vae ...``: train | loo | sweep | plot | demo (the β-VAE experiment).
+"""``dualdiff vae ...``: train | loo | sweep | plot | demo | study (the β-VAE experiment).
 
     dualdiff vae train --out-dir runs/vae [preset=tiny] [key=value ...]   # any VAEConfig key
     dualdiff vae loo   --out-dir runs/vae-loo preset=tiny                # one model per held-out environment
     dualdiff vae sweep --out-dir runs/vae-sweep preset=tiny [--kl-weights 5e-5,1e-4,5e-4]
     dualdiff vae plot  --out-dir runs/vae                                # redraw a run / sweep / loo folder
     dualdiff vae demo  [--out-dir runs/vae-demo]                         # tiny preset, a few CPU minutes
+    dualdiff vae study --out-dir runs/vae-study preset=tiny              # annealing x kl_weight over seeds
     dualdiff vae train --out-dir runs/ae model.arch=conv_kl ...         # the spatial KL autoencoder (ldm)
 
 Wired into the main command by ``register_vae_commands(subparsers)``.
@@ -95,15 +96,22 @@ def _demo(args) -> int:
     for r in res["table"]:
         print(f"{r['step']:5d} {r['beta']:6.3f} {r['recon']:8.4f} {r['kl']:8.4f} {r['ce']:7.4f} {r['loss']:8.4f}")
     _print_metrics("val", res["metrics"]["val"])
+    print("model vs a trivial baseline on the validation images (paired 95 % CI of model - baseline):")
+    for k, c in res["comparisons"].items():
+        iv = c["difference"]
+        ci = "no interval" if iv["low"] is None else f"[{iv['low']:+.4g}, {iv['high']:+.4g}]"
+        verdict = "within noise (the interval contains 0)" if c["within_noise"] else "beyond noise"
+        print(f"  {k}: {c['model']:.4g} vs {c['baseline']:.4g} ({c['baseline_name']}), "
+              f"difference {iv['mean']:+.4g} {ci}, n={c['n']}: {verdict}")
     out = Path(res["out_dir"])
     grids = sorted(out.glob("recon_*/grid.png"))
-    print(f"{time.perf_counter() - t0:.1f} s; reconstruction grids: {', '.join(str(g) for g in grids)}; "
-          f"curves: {out / 'training.png'}")
+    print(f"{time.perf_counter() - t0:.1f} s; figure: {res['figure']}; reconstruction grids: "
+          f"{', '.join(str(g) for g in grids)}; curves: {out / 'training.png'}")
     return 0
 
 
 def register_vae_commands(subparsers) -> argparse.ArgumentParser:
-    """Add ``vae`` with train | loo | sweep | plot | demo to an ``add_subparsers()`` object."""
+    """Add ``vae`` with train | loo | sweep | plot | demo | study to an ``add_subparsers()`` object."""
     from dualdiff.cli_common import add_run_options
     from dualdiff.experiments.vae import SWEEP_KL_WEIGHTS, VAE_PRESETS, VAEConfig
 
@@ -127,4 +135,6 @@ def register_vae_commands(subparsers) -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="tiny preset on the embedded fundus set, a few CPU minutes")
     add_run_options(p, VAEConfig, presets=VAE_PRESETS, default_preset="demo", out_dir="run", resume=False)
     p.set_defaults(func=_demo)
+    from dualdiff.experiments.vae_study import register_vae_study  # dualdiff vae study
+    register_vae_study(sub)
     return vae

@@ -11,7 +11,7 @@ import torch
 
 from dualdiff.analysis.plots import _plt, save_figure
 
-__all__ = ["save_recon_grid", "plot_training", "plot_sweep", "plot_loo"]
+__all__ = ["save_recon_grid", "plot_training", "plot_sweep", "plot_loo", "plot_demo"]
 
 
 def save_recon_grid(targets: torch.Tensor, recons: torch.Tensor, out_path: str | os.PathLike) -> Path:
@@ -81,5 +81,26 @@ def plot_loo(summary: Mapping[str, Mapping], out_path: str | os.PathLike) -> Pat
     ax.set_ylabel("grade accuracy")
     ax.set_ylim(0, 1)
     ax.legend()
+    fig.tight_layout()
+    return save_figure(fig, out_path)
+
+
+def plot_demo(targets: torch.Tensor, recons: torch.Tensor, out_path: str | os.PathLike, title: str,
+              subtitle: str = "") -> Path:
+    """The demo's one figure: the [0, 1] validation images ``[N, 3, H, W]`` (top row) beside
+    their reconstructions (bottom row), the headline number in the title."""
+    if targets.shape != recons.shape:
+        raise ValueError(f"targets {tuple(targets.shape)} and recons {tuple(recons.shape)} differ in shape")
+    plt = _plt()
+    n = len(targets)
+    fig, axes = plt.subplots(2, n, figsize=(1.45 * n + 0.8, 3.9), squeeze=False)
+    for row, (imgs, label) in enumerate(((targets, "data"), (recons, "reconstruction"))):
+        for j in range(n):
+            ax = axes[row, j]
+            ax.imshow(imgs[j].detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy())
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[row, 0].set_ylabel(label, fontsize=9)
+    fig.suptitle(title + (f"\n{subtitle}" if subtitle else ""), fontsize=9)
     fig.tight_layout()
     return save_figure(fig, out_path)
