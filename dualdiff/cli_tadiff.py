@@ -120,7 +120,8 @@ def register_tadiff_commands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_plot)
 
     p = sub.add_parser("demo", help="the demo preset end to end: data, sweep of fixed/power/learnable, "
-                                    "evaluation, table and figures (a few CPU minutes)")
+                                    "evaluation, table and figures, ending with demo.md and the one "
+                                    "figure demo.png (which differences to fixed are within noise)")
     add_run_options(p, TaDiffConfig, presets=TADIFF_PRESETS, default_preset="demo", out_dir="run", resume=False)
     p.set_defaults(func=_demo)
 

@@ -92,14 +92,14 @@ class TaDiffStudyConfig(StudySettings):
 
 
 def _tiny() -> TaDiffStudyConfig:
-    """The CPU preset: 16² slices, a ~40 k-parameter UNet, 6 procedural patients, 160 steps of
+    """The CPU preset: 16² slices, a ~40 k-parameter UNet, 6 procedural patients, 350 steps of
     batch 8 per run, 8 validation cases sampled with 10 DDIM steps; the design's λ0 = 0.01;
     3 seeds x 6 arms. Budget: ≤ 15 minutes on 2 shared CPU cores (one thread per run)."""
     exp = TaDiffConfig.tiny()
     exp.model = TaDiffModelConfig(image_size=16, base_channels=8, channel_mult=[1, 2], num_res_blocks=1,
                                   attention_ds=[], num_heads=1, norm_groups=4)
     exp.data = TaDiffDataConfig(num_patients=6, val_patients=2, depth=6)
-    exp.train.steps, exp.train.batch_size, exp.train.warmup_steps, exp.train.log_every = 160, 8, 10, 20
+    exp.train.steps, exp.train.batch_size, exp.train.warmup_steps, exp.train.log_every = 350, 8, 10, 25
     exp.eval_batches, exp.eval_t_points, exp.sample_cases, exp.num_samples, exp.sample_steps = 1, 2, 8, 1, 10
     return TaDiffStudyConfig(seeds=3, experiment=_study_experiment(exp))
 
