@@ -1,4 +1,5 @@
-"""Read the shell commands out of README.md's fenced code blocks (used by test_readme_commands).
+"""Read the shell commands out of the fenced code blocks of README.md and docs/*.md (used by
+test_readme_commands and test_docs_coverage).
 
 A ```bash (or sh / shell / console) block is all commands; in a block without a language only
 the lines that start with a command word count, and a synopsis line (``a | b``, ``[--flag]``) is
@@ -19,11 +20,17 @@ _FENCE = re.compile(r"^\s*```\s*([\w+-]*)\s*$")
 
 @dataclass(frozen=True)
 class ReadmeCommand:
-    """One command: the ``## section`` it is in, its README line (1-based) and its shell words."""
+    """One command: the ``## section`` it is in, its line (1-based), its shell words and the
+    file it is in (relative to the repository root)."""
 
     section: str
     line: int
     words: tuple[str, ...]
+    file: str = "README.md"
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}: {self.text}"
 
     @property
     def text(self) -> str:
@@ -56,8 +63,8 @@ def _is_synopsis(line: str) -> bool:
     return " | " in code or " [" in code
 
 
-def readme_commands(text: str) -> list[ReadmeCommand]:
-    """Every command of the fenced blocks of ``text``, in README order."""
+def readme_commands(text: str, file: str = "README.md") -> list[ReadmeCommand]:
+    """Every command of the fenced blocks of ``text`` (the contents of ``file``), in order."""
     out: list[ReadmeCommand] = []
     section, lang = "", None  # lang None: outside a fence
     pending, start = "", 0
@@ -84,7 +91,7 @@ def readme_commands(text: str) -> list[ReadmeCommand]:
         if lang not in SHELL_LANGS:
             if lang or not line.startswith(COMMAND_WORDS) or _is_synopsis(line):
                 continue
-        out += [ReadmeCommand(section, start, words) for words in shell_commands(line)]
+        out += [ReadmeCommand(section, start, words, file) for words in shell_commands(line)]
     return out
 
 

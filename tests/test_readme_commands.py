@@ -1,9 +1,13 @@
-"""Every command in README.md runs (issue 9): README drift fails CI.
+"""Every command in README.md and docs/*.md runs (issues 9, 21): documentation drift fails CI.
 
-Each ``dualdiff ...`` command of the README's fenced blocks runs in-process through
-``dualdiff.cli.main`` in a temporary working directory, in README order within its section (so
-later commands read what earlier ones wrote), with the tiny overrides of :data:`TINY` appended so
-that it takes seconds. Placeholder paths (``/path/to/...``, ``/data/...``, ``/models/...``,
+Each ``dualdiff ...`` command of the fenced blocks of README.md and of every docs/*.md page runs
+in-process through ``dualdiff.cli.main`` in a temporary working directory, in file order within
+its (file, section) (so later commands read what earlier ones wrote), with the tiny overrides of
+:data:`TINY` appended so that it takes seconds. Commands that only print (``info``,
+``ops-check``, ``--show-config``) must exit 0 and print. The commands of the docs pages' sections
+in :data:`CONFIG_ONLY` (full-size GPU runs, studies over seeds: minutes to hours, the studies
+run end to end in their own tests) run with ``--show-config`` instead: every key and value they
+name is checked, nothing trains. Placeholder paths (``/path/to/...``, ``/data/...``, ``/models/...``,
 ``/weights/...``) are replaced by tiny fixtures built here (:data:`PLACEHOLDERS`); a resource that
 cannot exist offline (Inception weights) is asserted to fail cleanly (exit 2, one
 ``dualdiff: error:`` line naming it). A README command without a :data:`TINY` entry, or with a
@@ -33,9 +37,26 @@ from readme_commands import ReadmeCommand, readme_commands, shell_commands  # no
 from dualdiff.cli import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = readme_commands((ROOT / "README.md").read_text(encoding="utf-8"))
+DOC_FILES = ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))]
+COMMANDS = [c for f in DOC_FILES for c in readme_commands((ROOT / f).read_text(encoding="utf-8"), f)]
+README_COMMANDS = [c for c in COMMANDS if c.file == "README.md"]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-SECTIONS = list(dict.fromkeys(c.section for c in COMMANDS if c.dualdiff_argv is not None))
+SECTIONS = list(dict.fromkeys((c.file, c.section) for c in COMMANDS if c.dualdiff_argv is not None))
+#: docs sections whose commands are checked with ``--show-config`` only (see the module docstring)
+CONFIG_ONLY = {"Full size on a GPU", "Study"}
+#: commands that print and write nothing
+PRINT_ONLY = {("info",), ("ops-check",)}
+#: non-dualdiff commands the docs may show; not run here (pip / pytest: the Set up lines, checked
+#: below; the GPU checklist: tests/test_run_gpu_script.py)
+NOT_RUN = (("pip",), ("pytest",), ("bash", "benchmarks/run_gpu.sh"))
+
+
+def _config_only(cmd: ReadmeCommand) -> bool:
+    return cmd.file != "README.md" and cmd.section in CONFIG_ONLY
+
+
+def _needs_tiny(cmd: ReadmeCommand) -> bool:
+    return cmd.dualdiff_argv is not None and not _config_only(cmd) and "--show-config" not in cmd.words
 
 # --- tiny overrides, appended to each README command (README keys first, so these win) --------
 _LIFT_TRAIN = ["preset=tiny", "train.steps=2", "train.batch_size=2", "train.log_every=1", "data.num_images=8",
@@ -64,6 +85,8 @@ _TOY2D = ["preset=tiny", "train.steps=4", "data.n_train=64", "train.batch_size=1
           "datasets=circle,dino", "variants=baseline,adaptive"]
 
 TINY: dict[tuple[str, ...], list[str]] = {
+    ("info",): [],
+    ("ops-check",): ["--iters", "1"],
     ("toy2d", "run"): _TOY2D,
     ("toy2d", "plot"): [],
     ("lift", "demo"): _LIFT_DEMO,
@@ -79,6 +102,7 @@ TINY: dict[tuple[str, ...], list[str]] = {
     ("vae", "train"): _VAE,
     ("vae", "loo"): [*_VAE, "data.environments=[warm,dark]"],
     ("vae", "sweep"): [*_VAE, "data.environments=[warm]"],  # 3 kl_weights x 1 environment
+    ("vae", "plot"): [],  # redraws a finished folder; takes no keys
     ("tadiff", "demo"): _TADIFF[1:],
     ("tadiff", "make-data"): _TADIFF,
     ("tadiff", "train"): _TADIFF,
@@ -205,6 +229,7 @@ def _mask_folder(root: Path) -> Path:
 
 PLACEHOLDERS: dict[str, Fixture] = {
     "/path/to/real_images": Fixture(_image_folder),
+    "/path/to/images": Fixture(_image_folder),
     "/path/to/pt_inception-2015-12-05-6726825d.pth": Fixture(missing="inception"),
     "/data/DR": Fixture(_domainbed_tree, ["data.subset_size=4"]),  # 8 train images per environment
     # a torchvision trunk's state dict: resnet18 for resnet50 takes the same code path, ~4x cheaper
@@ -282,14 +307,24 @@ def _files(root: Path) -> dict[Path, int]:
 
 
 def _run(cmd: ReadmeCommand, tmp: Path, capsys) -> None:
-    where = f"README.md:{cmd.line}: {cmd.text}"
+    where = cmd.where
+    if not _needs_tiny(cmd):  # prints the config it would run with: every key and value checked
+        argv = [*cmd.dualdiff_argv, *([] if "--show-config" in cmd.words else ["--show-config"])]
+        capsys.readouterr()
+        try:
+            rc = main(argv)
+        except SystemExit as e:  # --show-config prints and exits 0
+            rc = e.code or 0
+        out, err = capsys.readouterr()
+        assert rc == 0 and out.strip(), f"{where}: exit {rc}\n{shlex.join(argv)}\n{err[-2000:]}"
+        return
     assert cmd.key in TINY, f"{where}: add tiny overrides for {' '.join(cmd.key)!r} to TINY in {__file__}"
     argv, extra, missing = _substitute(cmd.dualdiff_argv, tmp)
     argv = _with_overrides(argv, [*TINY[cmd.key], *extra])
     before = _files(tmp)
     capsys.readouterr()
     rc = main(argv)
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     if missing is not None:
         lines = err.strip().splitlines()
         assert rc == 2, f"{where}: expected a clean error about {missing}, got exit {rc}"
@@ -297,6 +332,9 @@ def _run(cmd: ReadmeCommand, tmp: Path, capsys) -> None:
         assert missing in lines[0].lower(), f"{where}: the error does not name {missing}: {lines[0]}"
         return
     assert rc == 0, f"{where}: exit {rc}\n{shlex.join(argv)}\n{err[-2000:]}"
+    if cmd.key in PRINT_ONLY:
+        assert out.strip(), f"{where}: printed nothing"
+        return
     after = _files(tmp)
     written = [p for p, t in after.items() if before.get(p) != t]
     out = _out_dir(argv)
@@ -307,32 +345,36 @@ def _run(cmd: ReadmeCommand, tmp: Path, capsys) -> None:
 
 # --- tests --------------------------------------------------------------------------------------
 def test_every_readme_dualdiff_command_has_tiny_overrides():
-    """Drift guard without running anything: a new README command needs a TINY entry."""
-    missing = sorted({c.key for c in COMMANDS if c.dualdiff_argv is not None and c.key not in TINY})
+    """Drift guard without running anything: a new README or docs command needs a TINY entry."""
+    missing = sorted({c.key for c in COMMANDS if _needs_tiny(c) and c.key not in TINY})
     assert not missing, f"add tiny overrides for {missing} to TINY in {__file__}"
-    other = [c.text for c in COMMANDS if c.dualdiff_argv is None and c.words[0] not in ("pip", "pytest")]
-    assert not other, f"README commands this test does not know how to run: {other}"
+    other = [c.where for c in COMMANDS
+             if c.dualdiff_argv is None and not any(c.words[:len(p)] == p for p in NOT_RUN)]
+    assert not other, f"commands this test does not know how to run: {other}"
 
 
 def test_setup_commands_are_the_install_and_ci_ones():
     """The README installs in exactly two ways, both in *Set up*, and `.ci/run` runs the
     README's test line (``pip install ".[test]" && pytest``)."""
-    installs = [c for c in COMMANDS if c.words[0] == "pip"]
+    installs = [c for c in README_COMMANDS if c.words[0] == "pip"]
     assert [c.words for c in installs] == [("pip", "install", "."), ("pip", "install", ".[test]")]
-    assert {c.section for c in COMMANDS if c.words[0] in ("pip", "pytest")} == {"Set up"}
-    test_line = [c.words for c in COMMANDS if c.line == installs[1].line]
+    assert {c.section for c in README_COMMANDS if c.words[0] in ("pip", "pytest")} == {"Set up"}
+    assert not [c.where for c in COMMANDS if c.file != "README.md" and c.words[0] == "pip"], \
+        "install commands belong in the README's Set up section"
+    test_line = [c.words for c in README_COMMANDS if c.line == installs[1].line]
     assert test_line == [("pip", "install", ".[test]"), ("pytest",)]
     ci = [cmd for ln in (ROOT / ".ci" / "run").read_text().splitlines() for cmd in shell_commands(ln)]
     at = ci.index(test_line[0]) if test_line[0] in ci else -1
     assert ci[at:at + 2] == test_line, f".ci/run does not run the README's test line: {ci}"
 
 
-@pytest.mark.parametrize("section", SECTIONS, ids=[s.split(":")[0] for s in SECTIONS])
-def test_readme_section_commands_run(section, tmp_path, monkeypatch, capsys):
-    """Each command of the section, in README order, exits 0 and writes files (or fails cleanly
-    on an offline-missing resource)."""
+@pytest.mark.parametrize("file,section", SECTIONS,
+                         ids=[f"{f.removesuffix('.md')}:{s.split(':')[0]}" for f, s in SECTIONS])
+def test_readme_section_commands_run(file, section, tmp_path, monkeypatch, capsys):
+    """Each command of the (file, section), in file order, exits 0 and writes files (or fails
+    cleanly on an offline-missing resource; or only prints, see the module docstring)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no cached Inception weights
     for cmd in COMMANDS:
-        if cmd.section == section and cmd.dualdiff_argv is not None:
+        if (cmd.file, cmd.section) == (file, section) and cmd.dualdiff_argv is not None:
             _run(cmd, tmp_path, capsys)
