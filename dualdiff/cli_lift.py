@@ -1,4 +1,4 @@
-"""``dualdiff lift ...``: train, heatmap, path, plot, generate, generate-for-fid, fid, mse, demo.
+"""``dualdiff lift ...``: train, heatmap, path, plot, generate, generate-for-fid, fid, mse, demo, study.
 
     dualdiff lift train [--out-dir DIR] [--config FILE.yaml] [--resume [auto|latest|PATH]] [--device DEV]
         [--show-config] [key=value ...]          keys of LIFTConfig, e.g. preset=tiny train.lr=2e-4
@@ -10,6 +10,8 @@
     dualdiff lift mse --checkpoint RUN --out-dir DIR [key=value ...]
     dualdiff lift fid FOLDER_A FOLDER_B [--out-dir DIR] [inception_weights=FILE fid_download=false]
     dualdiff lift demo [--out-dir DIR] [key=value ...]   keys of LIFTDemoConfig: lift.*, analysis.*, device
+    dualdiff lift study [--out-dir DIR] [preset=tiny] [seeds=N] [fid_weights=FILE] [experiment.* ...]
+        the MSE tests and every sampling path over N seeds, with 95 % intervals and verdicts
 
 The analysis commands take keys of :class:`dualdiff.experiments.lift_analysis.LIFTAnalysisConfig`
 (``preset=tiny`` for the CPU-sized one). Every writing command also takes ``--config FILE.yaml``,
@@ -152,6 +154,7 @@ def register_lift_commands(subparsers) -> argparse.ArgumentParser:
     from dualdiff.cli_common import add_run_options
     from dualdiff.experiments.lift import LIFT_PRESETS, LIFTConfig
     from dualdiff.experiments.lift_analysis import LIFT_DEMO_PRESETS, LIFTDemoConfig
+    from dualdiff.experiments.lift_study import register_lift_study
 
     lift = subparsers.add_parser("lift", help="LIFT dual-scale diffusion: train, error heatmap, paths, generation, FID",
                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -205,4 +208,6 @@ def register_lift_commands(subparsers) -> argparse.ArgumentParser:
     add_run_options(p, LIFTDemoConfig, presets=LIFT_DEMO_PRESETS, default_preset="tiny", out_dir="optional",
                     default_out_dir="runs/lift-demo", resume=False)
     p.set_defaults(func=(_demo))
+
+    register_lift_study(sub)
     return lift
