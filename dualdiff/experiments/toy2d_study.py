@@ -176,6 +176,6 @@ def register_toy2d_study(toy2d_subparsers: Any) -> Any:
         toy2d_subparsers, Toy2DStudyConfig, build_toy2d_study, presets=TOY2D_STUDY_PRESETS,
         default_preset="default",
         default_out_dir="runs/toy2d-study",
-        help="compare the variants over N seeds: KL and eval loss with 95 %% intervals, "
+        help="compare the variants over N seeds: KL and eval loss with 95 % intervals, "
              "verdicts on 'adaptive lowers KL'",
         description=__doc__)

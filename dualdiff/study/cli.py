@@ -132,8 +132,9 @@ def add_study_command(subparsers: Any, config_cls: type,
     """
     from dualdiff.cli_common import add_run_options
 
+    help = help or "run the design's comparison over N seeds and report verdicts"
     p = subparsers.add_parser(
-        "study", help=help or "run the design's comparison over N seeds and report verdicts",
+        "study", help=help.replace("%", "%%"),  # argparse %-formats help, not the description
         description=description or __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_options(p, config_cls, presets=presets, default_preset=default_preset,
                     out_dir="optional" if default_out_dir else "required",
