@@ -131,3 +131,46 @@ def test_resume_is_exact(tmp_path):
     assert cfg2.model == cfg.model
     for a, b in zip(model.state_dict().values(), full.ema_model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_tiny_preset_ema_forgets_the_initial_weights(tmp_path):
+    """The EMA that samples after the tiny run holds (almost) none of the random initial weights
+    or of the first tenth of the run; the old schedule (0.99 every 10 steps from step 0) kept
+    about 55 % of the initial weights. Shares computed by running the EMA, not written down."""
+    from dualdiff.experiments.ldm import LUCIDRAINS_EMA, ema_step_shares
+
+    cfg = LDMConfig.from_name("tiny")
+    t = cfg.train
+    assert (t.ema_decay, t.ema_every, t.ema_inv_gamma, t.ema_power) == (0.995, 10, 1.0, 2 / 3)
+    assert t.ema_update_after_step == t.steps // 10 and t.ema_warmup == 0
+    assert LDMConfig().train.ema_update_after_step == LUCIDRAINS_EMA["ema_update_after_step"] == 100
+    shares = ema_step_shares(t)
+    assert shares.shape == (t.steps + 1,) and abs(float(shares.sum()) - 1) < 1e-9
+    assert float(shares[0]) < 0.01
+    assert float(shares[: t.steps // 10 + 1].sum()) < 0.01
+    old = ema_step_shares(dataclasses.replace(t, ema_decay=0.99, ema_update_after_step=None, ema_power=None))
+    assert float(old[0]) > 0.5  # the defect the new schedule fixes
+    # the Trainer's EMA is built from the same keys: one-hot weights through its own EMA object
+    tr = build_trainer(_cfg(), tmp_path, cache=_cache())
+    tr.close()
+    e = tr.ema
+    assert (e.update_after_step, e.power, e.decay, e.update_every) == (
+        t.ema_update_after_step, t.ema_power, t.ema_decay, 2)
+
+
+def test_default_loss_is_the_plain_v_mse():
+    """The default is pred_v with the seed's weighting (p2 γ = 0): the unweighted v-MSE, i.e.
+    (1 + snr)·x0-MSE, not the x0-MSE the former γ = 1 gave (pred_noise diverges: LDMConfig)."""
+    from dualdiff.diffusion.objectives import x0_loss_weight
+
+    cfg = LDMConfig()
+    assert (cfg.objective, cfg.loss_weighting, cfg.p2_gamma, cfg.cond_scale) == ("pred_v", "p2", 0.0, 6.0)
+    small = _cfg(objective=cfg.objective, loss_weighting=cfg.loss_weighting, p2_gamma=cfg.p2_gamma)
+    model, z0 = _Zero(), torch.randn(6, 4, 4, 4)
+    torch.manual_seed(1)
+    loss, parts = LDMLoss(small)(model, (z0, torch.rand(6, 5), torch.ones(6, dtype=torch.bool)), 0)
+    torch.testing.assert_close(loss, parts["mse"])  # weight 1 on the v error
+    sched = make_schedule(small.beta_schedule, small.timesteps)
+    snr = sched.snr[torch.tensor([10, 500, 990])]
+    lam = x0_loss_weight(snr, cfg.objective, cfg.loss_weighting, p2_gamma=cfg.p2_gamma, p2_k=cfg.p2_k)
+    torch.testing.assert_close(lam, 1 + snr.double())

@@ -223,3 +223,48 @@ def test_torch_compile_fullgraph():
     n = torch.randn_like(x)
     for a, b in zip(f(x, t, n), g(x, t, n)):
         torch.testing.assert_close(a, b)
+
+
+def _losses(objective, weighting, **kw):
+    """(weighted loss of a random prediction of ``objective``, the x0 MSE of the same prediction,
+    snr) per sample, in float64, over t spanning the whole cosine schedule."""
+    sched = make_schedule("cosine", 1000)
+    g = torch.Generator().manual_seed(7)
+    t = torch.tensor([0, 3, 50, 250, 500, 750, 950, 999])
+    x0 = torch.randn(8, 3, 4, 4, generator=g, dtype=torch.float64)
+    noise = torch.randn(8, 3, 4, 4, generator=g, dtype=torch.float64)
+    x_t = q_sample(x0, t, noise, sched)
+    pred = training_target(objective, x0, t, noise, sched) + 0.1 * torch.randn(8, 3, 4, 4, generator=g,
+                                                                             dtype=torch.float64)
+    w = loss_weight(t, sched, objective, weighting, dtype=torch.float64, **kw)
+    loss = w * (pred - training_target(objective, x0, t, noise, sched)).pow(2).flatten(1).mean(1)
+    x0_hat = convert_prediction(pred, objective, "pred_x0", x_t, t, sched)
+    return loss, (x0_hat - x0).pow(2).flatten(1).mean(1), sched.snr[t].double(), (pred, noise, x0, t, sched)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("weighting,kw", [("none", {}), ("p2", {"p2_gamma": 0.0}), ("p2", {"p2_gamma": 1.0}),
+                                          ("p2", {"p2_gamma": 0.5, "p2_k": 2.0}),
+                                          ("min_snr", {"min_snr_gamma": 5.0})])
+def test_effective_x0_weight_of_every_combination(objective, weighting, kw):
+    """The README's table: w(t)·‖target - pred‖² == λ(snr)·‖x0 - x̂0‖² for the same prediction."""
+    from dualdiff.diffusion.objectives import x0_loss_weight
+
+    loss, x0_mse, snr, _ = _losses(objective, weighting, **kw)
+    lam = x0_loss_weight(snr, objective, weighting, **kw)
+    torch.testing.assert_close(loss, lam * x0_mse, rtol=1e-6, atol=1e-12)
+
+
+def test_named_equivalences():
+    """pred_v with p2 γ=1, k=1 is the unweighted x0 MSE; pred_noise with γ=0 (the seed's) is the
+    ε MSE, which is snr · x0 MSE; min-SNR makes the three objectives equal."""
+    loss, x0_mse, _, _ = _losses("pred_v", "p2", p2_gamma=1.0, p2_k=1.0)
+    torch.testing.assert_close(loss, x0_mse, rtol=1e-6, atol=1e-12)
+    loss, x0_mse, snr, (pred, noise, _, _, _) = _losses("pred_noise", "p2", p2_gamma=0.0)
+    torch.testing.assert_close(loss, (pred - noise).pow(2).flatten(1).mean(1), rtol=1e-12, atol=0)
+    torch.testing.assert_close(loss, snr * x0_mse, rtol=1e-6, atol=1e-12)
+    loss, x0_mse, snr, _ = _losses("pred_x0", "p2", p2_gamma=1.0)
+    torch.testing.assert_close(loss, x0_mse / (1 + snr), rtol=1e-6, atol=1e-12)
+    # not all the same thing: at the default (γ=0) pred_v and pred_noise differ by (1+snr)/snr
+    lv, xv, snr, _ = _losses("pred_v", "none")
+    assert not torch.allclose(lv, snr * xv)

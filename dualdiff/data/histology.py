@@ -22,13 +22,21 @@ batches): 0 background (mean intensity > ``background``), 4 strong DAB (D > ``da
 3 weak DAB (D > ``dab_weak``), 2 haematoxylin nuclei (H > ``hematoxylin``), 1 other tissue.
 
 Class-balanced sampling (``sampling="class_balanced"``): the seed's ``DatasetLung`` cutoffs
-``c_k = p + (1 - p)·k/(K - 1)`` for k = 0..K-1 (p = 0.5, K = 5 -> [0.5, 0.625, 0.75, 0.875,
-1.0]). Draw u ~ U(0, 1): u < c_0 picks a tile uniformly; otherwise the k with
-c_(k-1) <= u < c_k picks foreground class k (1..K-1) and a tile uniformly among the tiles
-containing it. The seed's log used p = 0.5 in training and "1.0" at test time, which gives
-[1, 1, 1, 1, 1]: plain uniform sampling, i.e. *no* balancing (the balanced share is 1 - p = 0).
-Here train and test use the same p (``balance_p``); ``balance_p=1`` is the seed's test
-behaviour, named as such.
+``c_k = p + (1 - p)·k/(K - 1)`` for k = 0..K-1. Draw u ~ U(0, 1): u < c_0 picks a tile
+uniformly; otherwise the k with c_(k-1) <= u < c_k picks foreground class k (1..K-1) and a
+tile uniformly among the tiles containing it. So p is the *uniform* share and 1 - p the
+balanced share:
+
+* p = 0   -> [0, 0.25, 0.5, 0.75, 1.0]: fully class-balanced (u < 0 never happens; each
+  foreground class is drawn with probability 1/(K-1)). These are the seed's **test** cutoffs.
+* p = 0.5 -> [0.5, 0.625, 0.75, 0.875, 1.0]: half uniform, half balanced. The seed's
+  **training** cutoffs.
+* p = 1   -> [1, 1, 1, 1, 1]: plain uniform sampling, no balancing.
+
+The seed therefore trained at p = 0.5 and tested at p = 0: a train/test mismatch of the class
+mix. Here one ``balance_p`` serves both (matched by default); ``balance_p=0`` is the seed's
+test behaviour and ``balance_p=0.5`` its training behaviour (``dualdiff ldm study`` compares
+the seed's mismatch with matched cutoffs).
 """
 from __future__ import annotations
 
@@ -277,8 +285,9 @@ def describe_classes(dists: Tensor, has_mask: Tensor, names=CLASS_NAMES) -> str:
 
 
 def balanced_cutoffs(p: float, num_classes: int = 5) -> list[float]:
-    """``[p + (1 - p)·k/(K - 1) for k in 0..K-1]``: p = 0.5, K = 5 -> [0.5, 0.625, 0.75, 0.875, 1.0],
-    the seed's cutoffs (p = 1 gives [1, 1, 1, 1, 1]: no balancing)."""
+    """``[p + (1 - p)·k/(K - 1) for k in 0..K-1]`` (K = 5): p = 0.5 -> [0.5, 0.625, 0.75, 0.875,
+    1.0], the seed's training cutoffs; p = 0 -> [0, 0.25, 0.5, 0.75, 1], the seed's test cutoffs
+    (fully balanced); p = 1 -> [1, 1, 1, 1, 1], no balancing (uniform)."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"balance_p must be in [0, 1], got {p}")
     n_fg = num_classes - 1

@@ -18,6 +18,21 @@ Loss weights per sample, with snr = ᾱ/(1-ᾱ):
   ``pred_noise: c / snr``, ``pred_x0: c``, ``pred_v: c / (snr + 1)``. These make the three
   objectives' weighted losses equal to min(snr, γ)·‖x0 - x̂0‖².
 
+Effective loss: every objective's error is a multiple of the x0 error of the same prediction
+(ε - ε̂ = sqrt(snr)·(x̂0 - x0), v - v̂ = (x̂0 - x0)/sqrt(1 - ᾱ), 1/(1 - ᾱ) = 1 + snr), so
+``w(t)·‖target - pred‖² = λ(snr)·‖x0 - x̂0‖²`` with λ (:func:`x0_loss_weight`):
+
+==============  =====================  ==================  ================  ===============
+objective       none = p2 γ=0          p2 (γ, k)           p2 γ=1, k=1       min_snr (γ_m)
+==============  =====================  ==================  ================  ===============
+pred_noise      snr  (ε-MSE)           snr/(k+snr)^γ       snr/(1+snr) = ᾱ   min(snr, γ_m)
+pred_x0         1    (x0-MSE)          (k+snr)^-γ          1/(1+snr) = 1-ᾱ   min(snr, γ_m)
+pred_v          1+snr (v-MSE)          (1+snr)/(k+snr)^γ   1    (x0-MSE)     min(snr, γ_m)
+==============  =====================  ==================  ================  ===============
+
+The seed (lucidrains v1.5 defaults) is pred_noise with p2 γ = 0: λ = snr, the plain ε-MSE.
+pred_v with p2 γ = 1, k = 1 is the unweighted x0-MSE.
+
 Every function takes per-sample integer timesteps ``t`` of shape [B] (or an int, expanded),
 broadcasts the coefficients over the trailing dims of ``x``, computes in float32 or wider
 (float64 stays float64), and returns ``x``'s dtype.
@@ -48,6 +63,7 @@ __all__ = [
     "predict_v",
     "q_sample",
     "training_target",
+    "x0_loss_weight",
 ]
 
 OBJECTIVES = ("pred_noise", "pred_x0", "pred_v")
@@ -258,4 +274,33 @@ def loss_weight(
         return p2_loss_weight(t, schedule, p2_gamma, p2_k, dtype=dtype)
     if weighting == "min_snr":
         return min_snr_loss_weight(t, schedule, objective, min_snr_gamma, dtype=dtype)
+    raise ValueError(f"weighting must be one of ('none', 'p2', 'min_snr'), got {weighting!r}")
+
+
+def x0_loss_weight(
+    snr: torch.Tensor,
+    objective: str = "pred_noise",
+    weighting: str = "none",
+    *,
+    p2_gamma: float = 0.0,
+    p2_k: float = 1.0,
+    min_snr_gamma: float = 5.0,
+) -> torch.Tensor:
+    """λ(snr): the weight the loss ``loss_weight(...)·‖target - pred‖²`` of ``objective`` puts on
+    the x0 error ``‖x0 - x̂0‖²`` of the same prediction (module docstring's table), elementwise."""
+    obj = normalize_objective(objective)
+    if not isinstance(snr, torch.Tensor):
+        raise TypeError(f"snr must be a torch.Tensor, got {type(snr).__name__}")
+    snr = snr.double()
+    if weighting == "min_snr":
+        if not min_snr_gamma > 0:
+            raise ValueError(f"min_snr_gamma must be > 0, got {min_snr_gamma}")
+        return snr.clamp(max=min_snr_gamma)
+    base = {"pred_noise": snr, "pred_x0": torch.ones_like(snr), "pred_v": 1.0 + snr}[obj]
+    if weighting == "none":
+        return base
+    if weighting == "p2":
+        if p2_gamma < 0 or (p2_k <= 0 and p2_gamma != 0):
+            raise ValueError(f"p2_gamma must be >= 0 and p2_k > 0, got {p2_gamma}, {p2_k}")
+        return base * (p2_k + snr) ** -p2_gamma
     raise ValueError(f"weighting must be one of ('none', 'p2', 'min_snr'), got {weighting!r}")

@@ -58,7 +58,8 @@ from dualdiff.utils.seed import derive_seed
 __all__ = ["LDMDataConfig", "LDMAEConfig", "LDMConfig", "LDM_PRESETS", "drop_mask", "LDMLoss",
            "Codec", "load_codec", "train_autoencoder", "encode_latents", "build_trainer", "train_ldm",
            "load_ldm", "guided_model_fn", "sample_latents", "sample_ldm", "evaluate_ldm", "plot_ldm",
-           "demo_ldm", "conditioning_error", "loss_per_quartile"]
+           "demo_ldm", "conditioning_error", "loss_per_quartile", "ema_step_shares", "LUCIDRAINS_EMA",
+           "tiny_ema_update_after_step", "balanced_requests"]
 
 log = logging.getLogger("dualdiff.train.ldm")  # shown with the Trainer's debug output
 
@@ -73,7 +74,9 @@ class LDMDataConfig:
     ``num_train`` / ``num_test`` crops, the right ``test_fraction`` of the columns held out) or
     ``folder`` (``path`` with images/, masks/, optional unlabelled/; ``val_fraction`` held out,
     the seed's 90/10). ``image_size``: tile side in pixels. ``sampling``: ``uniform`` or
-    ``class_balanced`` (the seed's cutoffs with ``balance_p``; :mod:`dualdiff.data.histology`).
+    ``class_balanced`` (the seed's cutoffs with ``balance_p`` = the uniform share: 0 = fully
+    balanced, the seed's *test* cutoffs [0, .25, .5, .75, 1]; 0.5 = the seed's *training* cutoffs;
+    1 = uniform; :mod:`dualdiff.data.histology`).
     ``verify`` / ``skip_bad`` (folder source): images and masks are checked when the dataset is
     built (``verify``: fully decoded); a bad pair is an error naming the file, or with ``skip_bad``
     is skipped with a warning (:mod:`dualdiff.data.checks`)."""
@@ -155,19 +158,38 @@ class LDMAEConfig:
         self.train.validate()
 
 
+#: lucidrains' EMA (ema-pytorch as its Trainer uses it): decay ramp 1 - (1 + s/inv_gamma)^-power
+#: capped at ema_decay, updated every 10 steps, the weights copied up to update_after_step
+LUCIDRAINS_EMA = dict(ema_decay=0.995, ema_every=10, ema_update_after_step=100, ema_inv_gamma=1.0,
+                      ema_power=2 / 3, ema_min_decay=0.0)
+
+
 def _default_train() -> TrainConfig:
+    """lucidrains' Trainer: Adam 1e-4, 100 000 steps, EMA as :data:`LUCIDRAINS_EMA`."""
     return TrainConfig(steps=100_000, batch_size=16, lr=1e-4, optimizer="adam", scheduler="onecycle",
-                       ema_decay=0.995, ema_every=10, out_dir="runs/ldm", checkpoint_every=5000,
-                       log_every=50)
+                       **LUCIDRAINS_EMA, out_dir="runs/ldm", checkpoint_every=5000, log_every=50)
+
+
+def tiny_ema_update_after_step(steps: int) -> int:
+    """The tiny preset's EMA copy phase: 10 % of the run (60 of 600 steps). lucidrains' 100
+    steps are 0.1 % of its Trainer's 100 000; 0.1 % of a 600-step run is under one EMA period
+    (``ema_every`` = 10), so the copy phase is scaled to 10 % instead: no weights from the first
+    tenth of the run (the random initial ones included) enter the average."""
+    return max(0, steps // 10)
 
 
 @dataclass
 class LDMConfig:
     """The whole ldm run (module docstring). Diffusion: ``timesteps``, ``beta_schedule``,
-    ``objective`` (pred_v, the default | pred_noise | pred_x0), ``loss_weighting`` (none | p2 | min_snr;
-    ``p2_gamma``, ``p2_k``, ``min_snr_gamma``), ``cond_drop_prob``. Sampling:
-    ``sampling_timesteps``, ``ddim_eta``, ``cond_scale``, ``rescaled_phi``, ``remove_parallel``,
-    ``keep_parallel_frac``, ``num_samples``. Evaluation: ``eval_cond_scales`` x
+    ``objective`` (pred_noise | pred_x0 | pred_v), ``loss_weighting`` (none | p2 | min_snr;
+    ``p2_gamma``, ``p2_k``, ``min_snr_gamma``), ``cond_drop_prob``. The effective loss of each
+    combination, as a weight λ(snr) on ‖x0 - x̂0‖², is the table in
+    :mod:`dualdiff.diffusion.objectives` (:func:`~dualdiff.diffusion.objectives.x0_loss_weight`).
+    Sampling: ``sampling_timesteps``, ``ddim_eta``, ``cond_scale``, ``rescaled_phi``,
+    ``remove_parallel``, ``keep_parallel_frac``, ``num_samples``. ``cond_scale`` = 6 and
+    ``rescaled_phi`` = 0.7 are lucidrains' ``classifier_free_guidance.py`` defaults
+    (``GaussianDiffusion.sample(classes, cond_scale = 6., rescaled_phi = 0.7)``; its example
+    samples at ``cond_scale = 6.``, "reportedly 3-8 is good empirically"). Evaluation: ``eval_cond_scales`` x
     ``eval_rescaled_phis``, ``eval_requests`` test masks, ``eval_samples`` per request,
     ``eval_loss_batches`` batches of the test latents per objective.
     Logging of shapes and values: ``train.debug`` (+ ``train.debug_batches``)."""
@@ -177,15 +199,22 @@ class LDMConfig:
     train: TrainConfig = field(default_factory=_default_train)
     timesteps: int = 1000
     beta_schedule: Literal["linear", "cosine", "scaled_linear", "sigmoid"] = "cosine"
-    objective: str = "pred_v"  # stable without clamping latents (see the README: pred_noise + cosine)
+    # objective: pred_v, not the seed's pred_noise: measured on the tiny preset with the fixed EMA
+    # (seed 0, 600 steps), pred_noise sampling diverges without the latent clamp (sampled latent
+    # std 3377 vs 1.06 for the data; conditioning error 0.49 at cond_scale 6 vs 0.52
+    # unconditional) while pred_v does not (std 1.37; 0.093 vs 0.589): the x0 implied by an ε
+    # prediction multiplies its error by 1/sqrt(ᾱ_t) (2e4 at t = 999 of the cosine schedule)
+    objective: str = "pred_v"
+    # the seed's weighting: p2 with γ = 0 (lucidrains v1.5's default) = no weighting, so the loss
+    # is the plain v-MSE = (1 + snr)·‖x0 - x̂0‖² (objectives' table; γ = 1, k = 1 would be x0-MSE)
     loss_weighting: Literal["none", "p2", "min_snr"] = "p2"
-    p2_gamma: float = 1.0
+    p2_gamma: float = 0.0
     p2_k: float = 1.0
     min_snr_gamma: float = 5.0
     cond_drop_prob: float = 0.5
     sampling_timesteps: int = 250
     ddim_eta: float = 1.0
-    cond_scale: float = 3.0
+    cond_scale: float = 6.0  # lucidrains' default (docstring)
     rescaled_phi: float = 0.7
     remove_parallel: bool = True
     keep_parallel_frac: float = 0.0
@@ -244,13 +273,38 @@ class LDMConfig:
         return from_name(LDM_PRESETS, name, cls.__name__)
 
 
+def ema_step_shares(train: TrainConfig, steps: int | None = None) -> Tensor:
+    """``[steps + 1]`` float64: the coefficient of the weights after training step k (k = 0: the
+    initial weights) in the EMA after ``steps`` (default ``train.steps``) steps of ``train``'s EMA
+    schedule, computed by running :class:`dualdiff.train.ema.EMA` (built from the keys as the
+    Trainer builds it) on one-hot weights. Sums to 1; ``[0]`` is the initial weights' share."""
+    from dualdiff.train.ema import EMA
+
+    if train.ema_decay is None:
+        raise ConfigError("train.ema_decay is None: the run has no EMA")
+    n = train.steps if steps is None else int(steps)
+    net = nn.Linear(n + 1, 1, bias=False).double()
+    with torch.no_grad():
+        net.weight.zero_()
+        net.weight[0, 0] = 1.0
+    ema = EMA(net, train.ema_decay, train.ema_every, train.ema_warmup,
+              update_after_step=train.ema_update_after_step, inv_gamma=train.ema_inv_gamma,
+              power=train.ema_power, min_decay=train.ema_min_decay)
+    for k in range(1, n + 1):
+        with torch.no_grad():
+            net.weight.zero_()
+            net.weight[0, k] = 1.0
+        ema.update(net, k)
+    return ema.model.weight.detach()[0].clone()
+
+
 def _tiny() -> LDMConfig:
     """32² tiles, a 4x8x8 latent (f = 4), a 0.2M-parameter UNet: the CPU demo (~2 minutes)."""
     from dualdiff.models.cond_unet import COND_UNET_PRESETS
 
+    ema = {**LUCIDRAINS_EMA, "ema_update_after_step": tiny_ema_update_after_step(600)}
     train = TrainConfig(steps=600, batch_size=32, lr=2e-3, optimizer="adam", scheduler="onecycle",
-                        ema_decay=0.99, ema_every=10, out_dir="runs/ldm-tiny", log_every=25,
-                        progress=False)
+                        **ema, out_dir="runs/ldm-tiny", log_every=25, progress=False)
     return LDMConfig(model=copy.deepcopy(COND_UNET_PRESETS["tiny"]),
                      data=LDMDataConfig(image_size=32, num_train=512, num_test=64),
                      ae=LDMAEConfig(base_channels=16, channel_mults=[1, 2], downsample_factor=4,
@@ -544,6 +598,42 @@ def sample_latents(model: nn.Module, dist: Tensor, cfg: LDMConfig, latent_shape:
                        clip_sample=False, generator=generator).sample
 
 
+def balanced_requests(test_cache, n: int, p: float, seed: int) -> tuple[Tensor, Tensor]:
+    """``n`` requested distributions ``[n, K]`` drawn from the masked tiles of ``test_cache`` by
+    the cutoff rule with uniform share ``p`` (``p = 0``: the seed's test cutoffs, fully
+    class-balanced; :func:`dualdiff.data.histology.balanced_indices`), seeded; and their
+    indices into the cache."""
+    from dualdiff.data.histology import balanced_indices
+
+    masked = torch.nonzero(test_cache.has_mask).flatten()
+    if not len(masked):
+        raise ConfigError("the test set has no masked tiles to take requested distributions from")
+    g = torch.Generator().manual_seed(derive_seed(seed, "ldm-requests"))
+    idx = masked[balanced_indices(test_cache.dist[masked], n, p, g)]
+    return test_cache.dist[idx], idx
+
+
+@torch.no_grad()
+def guided_errors(model: nn.Module, decode: Callable[[Tensor], Tensor], dist: Tensor, cfg: LDMConfig,
+                  latent_shape: tuple[int, int, int], settings: dict[str, tuple[float, float] | None],
+                  seed: int) -> dict[str, dict[str, Tensor]]:
+    """Per setting ``label -> (cond_scale, rescaled_phi)`` (None: unconditional, every row
+    null), sample ``dist [B, K]`` with the same x_T and DDIM noise (common random numbers:
+    ``seed``), decode (``decode(z) -> images in [0, 1]``) and return ``{label: {"cond_error":
+    [B] TV distances, "latent_std": 0-d}}``."""
+    out = {}
+    null_all = torch.ones(len(dist), dtype=torch.bool)
+    for label, setting in settings.items():
+        g = torch.Generator().manual_seed(derive_seed(seed, "ldm-guided-errors"))
+        scale, phi = (1.0, 0.0) if setting is None else setting
+        z = sample_latents(model, dist, cfg, latent_shape, cond_scale=scale, rescaled_phi=phi,
+                           null=null_all if setting is None else None, generator=g)
+        images = decode(z).float().cpu()
+        out[label] = {"cond_error": conditioning_error(dist.cpu(), images, cfg.data.num_classes),
+                      "latent_std": z.float().std().cpu()}
+    return out
+
+
 def _latent_shape(cfg: LDMConfig, cache) -> tuple[int, int, int]:
     return tuple(cache.latents.shape[1:])
 
@@ -679,11 +769,15 @@ def evaluate_ldm(out_dir: str | Path, overrides: list[str] | None = None, *, dev
     seed = derive_seed(cfg.train.seed, "ldm-eval")
     K = cfg.data.num_classes
 
+    per_sample: dict[str, list[float]] = {}
+
     def run(scale: float, phi: float, null: Tensor | None = None) -> tuple[Tensor, float, float]:
         g = torch.Generator().manual_seed(seed)  # the same x_T and noise for every setting
         z = sample_latents(model, dist, cfg, shape, cond_scale=scale, rescaled_phi=phi, null=null, generator=g)
         images = codec.decode(z / test.scale).float().cpu()
-        return images, float(conditioning_error(dist.cpu(), images, K).mean()), float(z.float().std())
+        errs = conditioning_error(dist.cpu(), images, K)
+        per_sample["unconditional" if null is not None else f"{scale:g}/{phi:g}"] = errs.tolist()
+        return images, float(errs.mean()), float(z.float().std())
 
     rows = []
     uncond_images, uncond_err, _ = run(1.0, 0.0, null=torch.ones(len(dist), dtype=torch.bool))
@@ -707,6 +801,7 @@ def evaluate_ldm(out_dir: str | Path, overrides: list[str] | None = None, *, dev
     fd_uncond = _frechet(real_feats, _features(codec, uncond_images.to(device)))
     quart = loss_per_quartile(model, cfg, test, batches=cfg.eval_loss_batches, device=device, seed=seed)
     metrics = {"cond_error": rows, "cond_error_unconditional": uncond_err, "cond_error_ae_roundtrip": ae_err,
+               "cond_error_per_sample": per_sample,  # "unconditional" | "<cond_scale>/<rescaled_phi>"
                "frechet_ae_features": fd, "frechet_ae_features_unconditional": fd_uncond,
                "loss_per_t_quartile": quart, "objective": cfg.objective, "requests": req.tolist(),
                "samples_per_request": n, "data_latent_std": float(test.scaled.std()), "real_test_tiles": len(all_test), "sampling_timesteps": cfg.sampling_timesteps}
