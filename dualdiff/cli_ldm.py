@@ -13,6 +13,7 @@ checkpoints and metrics (``train.*``), ``sample`` / ``eval`` / ``plot`` read the
     dualdiff ldm eval --out-dir R
     dualdiff ldm plot --out-dir R
     dualdiff ldm demo --out-dir R          # all of the above on the tiny preset
+    dualdiff ldm study --out-dir S preset=tiny   # guidance / cutoff claims over N seeds
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ __all__ = ["register_ldm_commands"]
 
 
 def register_ldm_commands(subparsers) -> None:
-    """Add ``dualdiff ldm {autoencoder,encode,train,sample,eval,plot,demo}``."""
+    """Add ``dualdiff ldm {autoencoder,encode,train,sample,eval,plot,demo,study}``."""
     from dualdiff.experiments.ldm import LDM_PRESETS, LDMConfig
 
     exp = subparsers.add_parser("ldm", help="latent diffusion conditioned on a mask's class distribution")
@@ -54,6 +55,8 @@ def register_ldm_commands(subparsers) -> None:
     p = sub.add_parser("plot", help="redraw the figures of a run")
     p.add_argument("--out-dir", required=True, metavar="DIR", help="the run folder")
     p.set_defaults(func=_plot)
+    from dualdiff.experiments.ldm_study import register_ldm_study
+    register_ldm_study(sub)
 
 
 def _autoencoder(args: argparse.Namespace) -> int:
