@@ -12,7 +12,7 @@ import torch
 
 from dualdiff.analysis.plots import _plt, save_figure
 
-__all__ = ["plot_training", "plot_loss_quartiles", "plot_cond_error", "save_sample_grid"]
+__all__ = ["plot_training", "plot_loss_quartiles", "plot_cond_error", "save_sample_grid", "plot_demo"]
 
 
 def plot_training(history: Sequence[Mapping[str, Any]], out_path: str | os.PathLike) -> Path:
@@ -86,5 +86,38 @@ def save_sample_grid(images: torch.Tensor, requested: torch.Tensor, out_path: st
         axes[r][0].set_ylabel(" ".join(f"{v:.2f}" for v in requested[r].tolist()), fontsize=6)
     if title:
         fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, out_path)
+
+
+def plot_demo(requested: torch.Tensor, images: Mapping[str, torch.Tensor], errors: Mapping[str, Sequence[float]],
+              out_path: str | os.PathLike, *, title: str, class_names: Sequence[str] | None = None) -> Path:
+    """The demo's one figure: a row per request, its requested class distribution (bars) beside
+    one generated sample per guidance setting (``images[label] [R, 3, S, S]``), each captioned
+    with that sample's TV distance (``errors[label][r]``); ``title``: the headline number."""
+    plt = _plt()
+    R, K = requested.shape
+    labels = list(images)
+    names = list(class_names) if class_names is not None else [str(k) for k in range(K)]
+    fig, axes = plt.subplots(R, len(labels) + 1, figsize=(1.7 * (len(labels) + 1) + 1.2, 1.6 * R + 0.9),
+                             squeeze=False)
+    colours = ["0.85", "#c8a2c8", "#4b5bab", "#c68a4a", "#6b3a16"][:K] + ["C7"] * max(0, K - 5)
+    for r in range(R):
+        ax = axes[r][0]
+        ax.bar(range(K), requested[r].tolist(), color=colours)
+        ax.set_ylim(0, 1)
+        ax.set_xticks(range(K), [n[:4] for n in names] if r == R - 1 else [""] * K, fontsize=6, rotation=60)
+        ax.tick_params(axis="y", labelsize=6)
+        if r == 0:
+            ax.set_title("requested classes", fontsize=8)
+        for c, lab in enumerate(labels, start=1):
+            a = axes[r][c]
+            a.imshow(images[lab][r].permute(1, 2, 0).clamp(0, 1).numpy())
+            a.set_xticks([])
+            a.set_yticks([])
+            a.set_xlabel(f"TV {errors[lab][r]:.2f}", fontsize=7)
+            if r == 0:
+                a.set_title(lab, fontsize=8)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return save_figure(fig, out_path)
