@@ -25,7 +25,8 @@ SMALL = ["preset=tiny", "seeds=2", "experiment.lift.model.image_size=16", "exper
          "experiment.analysis.num_steps=3", "experiment.analysis.fixed_steps=2", "experiment.analysis.max_jump=2",
          "experiment.analysis.num_images=8", "experiment.analysis.batch_size=8", "experiment.analysis.mse_samples=4",
          "experiment.analysis.grid_images=4", "reference_images=16",
-         "proxy.channels=[8]", "proxy.features=4", "proxy.steps=5", "proxy.num_images=16", "proxy.batch_size=8"]
+         "experiment.proxy.channels=[8]", "experiment.proxy.features=4", "experiment.proxy.steps=5",
+         "experiment.proxy.num_images=16", "experiment.proxy.batch_size=8"]
 
 
 def test_lift_study_cli_end_to_end(tmp_path, capsys):
@@ -84,7 +85,7 @@ def test_lift_study_cli_end_to_end(tmp_path, capsys):
 def test_lift_study_user_errors(tmp_path, capsys):
     for bad, word in (("fid_weights=" + str(tmp_path / "missing.pth"), "fid_weights"),
                       ("paths=[diagonal, zigzag]", "paths"),
-                      ("proxy.steps=0", "proxy.steps")):
+                      ("experiment.proxy.steps=0", "proxy.steps")):
         assert main(["lift", "study", "--out-dir", str(tmp_path / "s"), "preset=tiny", bad]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("dualdiff: error:") and word in err[0], err

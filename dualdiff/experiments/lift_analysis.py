@@ -19,7 +19,8 @@ Files written in ``out_dir``:
   ``path_<kind>.json`` (:class:`dualdiff.analysis.generate.GenerationPath` per kind);
 * ``heatmap.png`` (paths overlaid), ``mse.png``, ``samples.png``, ``samples_<kind>.png``;
   the demo adds ``training_images.png`` and ``data_vs_samples.png`` (training images beside
-  the samples of every path);
+  the samples of every path, titled with each path's offline sample-quality proxy:
+  :data:`dualdiff.metrics.feature_fid.PROXY_NAME`) and ``sample_quality.json``;
 * ``mse.json``; ``fid.json``; ``fid_<kind>/*.png`` and ``real/*.png`` for FID.
 
 Size (over ~500 lines): the seven analysis steps and the demo pipeline that chains them share
@@ -29,6 +30,7 @@ the config and the file layout above; the computations themselves live in
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import json
 import time
@@ -46,6 +48,7 @@ from dualdiff.analysis.paths import GridPath, fixed_step_path, greedy_path, seed
 from dualdiff.config import ConfigError
 from dualdiff.data.images import scale_labels
 from dualdiff.experiments.lift import LIFTConfig, build_lift_dataset, build_lift_schedule, load_lift_model
+from dualdiff.metrics.feature_fid import PROXY_NAME, PROXY_SHORT, FeatureProxyConfig
 from dualdiff.metrics.mse_tests import format_mse_table, run_mse_tests, save_mse_results
 from dualdiff.train.distributed import (barrier, cleanup_distributed, default_device, get_rank, get_world_size,
                                         init_distributed, is_distributed)
@@ -57,6 +60,7 @@ __all__ = [
     "LIFT_DEMO_PRESETS",
     "load_analysis_model",
     "load_grid_paths",
+    "proxy_images",
     "real_images",
     "run_demo",
     "run_fid",
@@ -170,13 +174,22 @@ LIFT_ANALYSIS_PRESETS: dict[str, Callable[[], LIFTAnalysisConfig]] = {
     "tiny": _analysis_tiny, "default": LIFTAnalysisConfig}
 
 
+def _demo_proxy() -> FeatureProxyConfig:
+    """The demo's proxy network: 3 stride-2 stages of 8/16/32 channels, 32 features, 300 Adam steps of
+    32 on 512 images (about 12 s on one loaded CPU thread at 32x32)."""
+    return FeatureProxyConfig(channels=[8, 16, 32], features=32, steps=300, batch_size=32, num_images=512)
+
+
 @dataclass
 class LIFTDemoConfig:
     """``dualdiff lift demo``: a LIFT training config (``lift.*``), an analysis config
-    (``analysis.*``) and the one ``device`` both run on (``lift.train.device`` and
-    ``analysis.device`` stay ``auto``: a second device key would conflict)."""
+    (``analysis.*``), the offline sample-quality proxy's network (``proxy.*``, trained on
+    ``proxy.num_images`` images of the data distribution drawn with its own seed:
+    :mod:`dualdiff.metrics.feature_fid`) and the one ``device`` all run on (``lift.train.device``
+    and ``analysis.device`` stay ``auto``: a second device key would conflict)."""
     lift: LIFTConfig = field(default_factory=lambda: LIFTConfig.from_name("tiny"))
     analysis: LIFTAnalysisConfig = field(default_factory=_analysis_tiny)
+    proxy: FeatureProxyConfig = field(default_factory=_demo_proxy)
     device: str = "auto"
 
     def validate(self) -> None:
@@ -193,7 +206,7 @@ class LIFTDemoConfig:
 
 
 def _demo_default() -> LIFTDemoConfig:
-    return LIFTDemoConfig(lift=LIFTConfig(), analysis=LIFTAnalysisConfig())
+    return LIFTDemoConfig(lift=LIFTConfig(), analysis=LIFTAnalysisConfig(), proxy=_demo_proxy())
 
 
 #: ``tiny``: the README's CPU demo; ``default``: the experiment's sizes on the procedural data
@@ -211,6 +224,24 @@ def load_analysis_model(checkpoint, cfg: LIFTAnalysisConfig):
         raise ConfigError("the LIFT analysis needs a dual-scale model (model_kind='dual'), "
                           f"got {lcfg.model_kind!r}")
     return model.to(_device(cfg)).eval(), lcfg, build_lift_schedule(lcfg)
+
+
+def proxy_images(lift_cfg: LIFTConfig, proxy: FeatureProxyConfig) -> torch.Tensor:
+    """The images the sample-quality proxy trains on: ``proxy.num_images`` procedural images
+    drawn with ``proxy.seed`` (not the run's training set) for procedural data, else a seeded
+    random subset of the dataset."""
+    from dualdiff.data.images import ProceduralDualScaleImages
+
+    d = lift_cfg.data
+    if d.source == "procedural":
+        ds = ProceduralDualScaleImages(proxy.num_images, seed=proxy.seed, size=d.image_size,
+                                       texture_scale=d.texture_scale)
+        idx = list(range(proxy.num_images))
+    else:
+        ds = build_lift_dataset(d)
+        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(proxy.seed))[:proxy.num_images].tolist()
+    items = [ds[int(i)] for i in idx]
+    return torch.stack([it[0] if isinstance(it, (tuple, list)) else it for it in items]).float()
 
 
 def real_images(lift_cfg: LIFTConfig, n: int, seed: int = 0) -> torch.Tensor:
@@ -455,6 +486,80 @@ def run_mse(checkpoint, out_dir, cfg: LIFTAnalysisConfig) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+def _demo_samples(model, schedule, out: Path, cfg: LIFTDemoConfig, lcfg: LIFTConfig, acfg: LIFTAnalysisConfig,
+                  gen: dict[str, GenerationPath], training: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict]:
+    """``acfg.num_images`` samples per path (batch k from generator seed ``acfg.seed + k``, the
+    same noise for every path), their grids (the first ``grid_images``: samples_<kind>.png,
+    samples.png, and data_vs_samples.png titled with the proxy per path) and their sample quality
+    (:mod:`dualdiff.metrics.feature_fid`, against the training images; also for fresh held-out
+    images) -> ``sample_quality.json``."""
+    from dualdiff.analysis.plots import plot_sample_grids
+    from dualdiff.data.images import ProceduralDualScaleImages
+    from dualdiff.metrics.feature_fid import (feature_statistics, nearest_mse, proxy_frechet_distance,
+                                              train_feature_proxy)
+    from dualdiff.utils.seed import derive_seed
+
+    nrow = _nrow(acfg.grid_images)
+    grids, quality = {}, {}
+    t0 = time.perf_counter()
+    net = train_feature_proxy(proxy_images(lcfg, cfg.proxy).to(_device(acfg)), cfg.proxy)
+    t_proxy = time.perf_counter() - t0
+    data = build_lift_dataset(lcfg.data)
+    ref = real_images(lcfg, min(len(data), 1000), acfg.seed + 3)
+    ref_stats = feature_statistics(net, ref)
+    for name, p in gen.items():
+        parts = []
+        for k, start in enumerate(range(0, acfg.num_images, acfg.batch_size)):
+            x64, _ = generate(model, p, min(acfg.batch_size, acfg.num_images - start), schedule=schedule,
+                              **_sampler_options(acfg), generator=torch.Generator().manual_seed(acfg.seed + k))
+            parts.append(x64.cpu())
+        x = torch.cat(parts)
+        grids[name] = x[:acfg.grid_images]
+        save_image_grid(grids[name], out / f"samples_{name}.png", nrow=nrow)
+        quality[name] = {"fd_proxy": proxy_frechet_distance(net, x, ref_stats), "nn_mse": float(nearest_mse(x, ref).mean()),
+                         "num_samples": int(x.shape[0]), "sampling_steps": len(p.t64)}
+    d = lcfg.data
+    if d.source == "procedural":
+        fresh = ProceduralDualScaleImages(acfg.num_images, seed=derive_seed(acfg.seed, "demo-held-out") % (1 << 62),
+                                          size=d.image_size, texture_scale=d.texture_scale)
+        held = torch.stack([fresh[i] for i in range(len(fresh))])
+    else:
+        held = real_images(lcfg, min(len(data), acfg.num_images), acfg.seed + 4)
+    held_q = {"fd_proxy": proxy_frechet_distance(net, held, ref_stats), "nn_mse": float(nearest_mse(held, ref).mean())}
+    titled = {f"{_panel_title(k, gen[k])}\n{PROXY_SHORT.split(' (')[0]} {quality[k]['fd_proxy']:.3g}": v
+              for k, v in grids.items()}
+    plot_sample_grids({_panel_title(k, gen[k]): v for k, v in grids.items()}, out / "samples.png", nrow=nrow)
+    headline = ", ".join(f"{k} {q['fd_proxy']:.3g}" for k, q in quality.items())
+    title = (f"{PROXY_SHORT} to the training images (lower is closer): {headline}; held-out data "
+             f"{held_q['fd_proxy']:.3g}.\nOne seed, {acfg.num_images} samples per path: every difference is within "
+             "noise (no interval); `dualdiff lift study` gives intervals over seeds")
+    _plot_titled_grids({"training images": training, **titled}, out / "data_vs_samples.png", nrow, title)
+    res = {"proxy": PROXY_NAME, "title": title, "proxy_config": dataclasses.asdict(cfg.proxy), "proxy_final_loss": net.final_loss,
+           "proxy_seconds": t_proxy, "reference_images": int(ref.shape[0]), "paths": quality, "held_out": held_q}
+    (out / "sample_quality.json").write_text(json.dumps(res, indent=1))
+    return grids, res
+
+
+def _plot_titled_grids(panels: dict[str, torch.Tensor], path: Path, nrow: int, title: str) -> Path:
+    """Image grids side by side (one panel each, its key as the panel title) under ``title``."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 4.3), squeeze=False)
+    for ax, (name, imgs) in zip(axes[0], panels.items()):
+        grid = make_grid(((imgs.detach().float().cpu() + 1) / 2).clamp(0, 1), nrow=nrow, padding=1)
+        ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _fmt_path(p: GenerationPath) -> str:
     k = [0, len(p.t64) // 2, len(p.t64) - 1]
     pts = ", ".join(f"(γ64 {p.gamma_64[i]:.3g}, γ32 {p.gamma_32[i]:.3g})" for i in k)
@@ -519,13 +624,21 @@ def run_demo(cfg: LIFTDemoConfig, out_dir, *, quiet_progress: bool = True, print
     model, _, schedule = load_analysis_model(ckpt, acfg)
     training = real_images(lcfg, acfg.grid_images, acfg.seed)
     save_image_grid(training, out / "training_images.png", nrow=_nrow(acfg.grid_images))
-    samples = _generate_grids(model, schedule, out, acfg, paths["generation"],
-                              extra_panels={"training images": training})
+    samples, quality = _demo_samples(model, schedule, out, cfg, lcfg, acfg, paths["generation"], training)
+    report["sample_quality"] = quality
     for name, p in paths["generation"].items():
         say(f"  sampling path {name:11s} {_fmt_path(p)}")
     clipped = ", ε from the clipped x0" if acfg.clipped_model_output else ""
-    say(f"sample grids ({acfg.grid_images} images per path, eta {acfg.eta:g}{clipped}, {time.perf_counter() - t1:.1f} s): "
-        f"{out / 'data_vs_samples.png'} (training images beside the samples), {out / 'samples.png'}")
+    say(f"samples ({acfg.num_images} per path, the first {acfg.grid_images} in the grids; eta {acfg.eta:g}{clipped}, "
+        f"{time.perf_counter() - t1:.1f} s): {out / 'data_vs_samples.png'} (training images beside the samples), "
+        f"{out / 'samples.png'}")
+    say(f"sample quality vs {quality['reference_images']} training images: {PROXY_NAME}; nn-MSE = mean MSE to the "
+        "nearest training image (lower is closer for both):")
+    for name, q in quality["paths"].items():
+        say(f"  {name:13s} {PROXY_SHORT} {q['fd_proxy']:.4g}   nn-MSE {q['nn_mse']:.4g}")
+    h = quality["held_out"]
+    say(f"  {'held-out data':13s} {PROXY_SHORT} {h['fd_proxy']:.4g}   nn-MSE {h['nn_mse']:.4g}   "
+        f"({acfg.num_images} fresh images of the data distribution: the floor at this sample size)")
     x = real_images(lcfg, acfg.mse_samples, acfg.seed + 1)
     mse_res = run_mse_tests(model, x, schedule, timestep=acfg.mse_timestep, batch_size=acfg.batch_size,
                             seed=acfg.seed)
@@ -560,6 +673,10 @@ def run_demo(cfg: LIFTDemoConfig, out_dir, *, quiet_progress: bool = True, print
         (out / "fid.json").write_text(json.dumps(fids, indent=1))
         say(f"FID vs {acfg.num_images} real images ({acfg.num_images} generated each; tiny-sample FID is "
             "biased high): " + ", ".join(f"{k} {v:.2f}" for k, v in fids.items()))
+    say("Within noise: ALL of the differences above (between paths, and between the MSE tests). This demo "
+        "trains one model with one seed, so it has no interval for any difference: none of them can be told "
+        "apart from seed-to-seed variation. `dualdiff lift study preset=tiny --out-dir DIR` repeats the "
+        "comparison over seeds and reports 95 % intervals and verdicts.")
     say(f"done in {time.perf_counter() - t0:.1f} s; files in {out}")
     (out / "report.txt").write_text("\n".join(lines) + "\n")
     report["samples"] = {k: tuple(v.shape) for k, v in samples.items()}

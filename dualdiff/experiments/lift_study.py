@@ -27,7 +27,7 @@ Common random numbers: study seed ``s`` is the run's ``lift.train.seed``, ``lift
 (procedural data) and ``analysis.seed``, so at one seed every arm shares the training set, the
 trained model, the heatmap probes, the MSE tests' images and noise, and the sampling noise
 (batch ``k`` of every path from the generator seeded ``derive_seed(s, "lift-study-sample", k)``).
-The proxy network is trained once per study (``proxy.*``, its own seed and its own procedural
+The proxy network is trained once per study (``experiment.proxy.*``, its own seed and its own procedural
 images, not any run's training set) and cached in ``OUT/work/feature_proxy.pt``.
 
     dualdiff lift study --out-dir runs/lift-study preset=tiny      # CPU, <= 15 min on 2 cores
@@ -49,8 +49,8 @@ import torch
 
 from dualdiff.config import ConfigError
 from dualdiff.experiments.lift import LIFTConfig, build_lift_dataset
-from dualdiff.experiments.lift_analysis import LIFTAnalysisConfig, LIFTDemoConfig
-from dualdiff.metrics.feature_fid import PROXY_NAME, PROXY_SHORT, FeatureProxyConfig
+from dualdiff.experiments.lift_analysis import LIFTAnalysisConfig, LIFTDemoConfig, proxy_images
+from dualdiff.metrics.feature_fid import PROXY_NAME, PROXY_SHORT
 from dualdiff.study import Claim, Comparison, Metric, Study, StudySettings
 
 __all__ = ["LIFTStudyConfig", "LIFT_STUDY_PRESETS", "STUDY_PATHS", "MSE_ARMS", "HELD_OUT_ARM",
@@ -80,21 +80,21 @@ class LIFTStudyConfig(StudySettings):
     and analysis of each seed (``lift.*``, ``analysis.*``, ``device``; ``analysis.paths`` is not
     used: the arms come from ``paths``). ``fid_weights``: pytorch-fid's Inception weights
     (a local file; adds the ``fid`` metric and makes it the claims' metric; never downloads).
-    ``proxy``: the offline proxy's network (:class:`~dualdiff.metrics.feature_fid.FeatureProxyConfig`).
+    The offline proxy's network is ``experiment.proxy`` (:class:`~dualdiff.metrics.feature_fid.FeatureProxyConfig`,
+    shared with the demo).
     ``reference_images``: training images the sample metrics compare with (at most the
     training set). ``threads``: torch's CPU threads during the runs (0: unchanged)."""
     experiment: LIFTDemoConfig = field(default_factory=lambda: LIFTDemoConfig(
         lift=LIFTConfig(), analysis=LIFTAnalysisConfig()))
     paths: list[str] = field(default_factory=lambda: list(STUDY_PATHS))
     fid_weights: str | None = None
-    proxy: FeatureProxyConfig = field(default_factory=FeatureProxyConfig)
     reference_images: int = 1000
 
     def validate(self) -> None:
         """StudySettings' checks plus the study's keys; ConfigError naming the bad key."""
         try:
             super().validate()
-            self.proxy.validate()
+            self.experiment.proxy.validate()
         except ValueError as e:
             raise ConfigError(str(e)) from e
         bad = [p for p in self.paths if p not in STUDY_PATHS]
@@ -106,9 +106,9 @@ class LIFTStudyConfig(StudySettings):
         if isinstance(self.reference_images, bool) or self.reference_images < 2:
             raise ConfigError(f"reference_images must be an int >= 2, got {self.reference_images!r}")
         self.experiment.validate()
-        s, k = self.experiment.lift.data.image_size, 2 ** len(self.proxy.channels)
+        s, k = self.experiment.lift.data.image_size, 2 ** len(self.experiment.proxy.channels)
         if s % k:
-            raise ConfigError(f"proxy.channels has {len(self.proxy.channels)} stride-2 stages: the image size "
+            raise ConfigError(f"experiment.proxy.channels has {len(self.experiment.proxy.channels)} stride-2 stages: the image size "
                               f"{s} must be a multiple of {k}")
         if self.experiment.analysis.num_images < 2:
             raise ConfigError("experiment.analysis.num_images must be >= 2 (a covariance of the samples)")
@@ -118,8 +118,8 @@ def _tiny() -> LIFTStudyConfig:
     """The CPU preset: the demo's tiny model (32x32 + 16x16, 0.24 M parameters, 256 procedural
     images) trained **300 steps of 16 instead of the demo's 1600** (the study trains one model
     per seed), a 5x5 heatmap, 16 DDIM sampling steps (the fixed-step paths 9), 64 samples per path
-    against the 256 training images, a 3-stage proxy autoencoder (32 features, 400 steps on 512
-    procedural images); 3 seeds, one CPU thread. Budget: <= 15 minutes on 2 shared CPU cores."""
+    against the 256 training images, the demo's proxy autoencoder (``experiment.proxy``: 32
+    features, 300 steps on 512 procedural images); 3 seeds, one CPU thread. Budget: <= 15 minutes on 2 shared CPU cores."""
     lift = LIFTConfig.from_name("tiny")
     lift.train.steps = 300
     lift.train.log_every = 50
@@ -128,9 +128,7 @@ def _tiny() -> LIFTStudyConfig:
                      mse_samples=64, grid_images=8).items():
         setattr(ana, k, v)
     return LIFTStudyConfig(seeds=3, threads=1, experiment=LIFTDemoConfig(lift=lift, analysis=ana),
-                           reference_images=256,
-                           proxy=FeatureProxyConfig(channels=[16, 32, 64], features=32, steps=400,
-                                                    batch_size=32, num_images=512))
+                           reference_images=256)
 
 
 def _default() -> LIFTStudyConfig:
@@ -163,24 +161,9 @@ def _quality_metric(config: LIFTStudyConfig) -> str:
 # the proxy network, trained once per study
 
 
-def _proxy_images(config: LIFTStudyConfig) -> torch.Tensor:
-    from dualdiff.data.images import ProceduralDualScaleImages
-
-    d, p = config.experiment.lift.data, config.proxy
-    if d.source == "procedural":
-        ds = ProceduralDualScaleImages(p.num_images, seed=p.seed, size=d.image_size, texture_scale=d.texture_scale)
-        idx = range(p.num_images)
-    else:
-        ds = build_lift_dataset(d)
-        g = torch.Generator().manual_seed(p.seed)
-        idx = torch.randperm(len(ds), generator=g)[:p.num_images].tolist()
-    items = [ds[int(i)] for i in idx]
-    return torch.stack([it[0] if isinstance(it, (tuple, list)) else it for it in items]).float()
-
-
 def _proxy_key(config: LIFTStudyConfig) -> str:
     d = config.experiment.lift.data
-    text = json.dumps({"proxy": dataclasses.asdict(config.proxy), "source": d.source, "path": d.path,
+    text = json.dumps({"proxy": dataclasses.asdict(config.experiment.proxy), "source": d.source, "path": d.path,
                        "size": d.image_size, "texture_scale": d.texture_scale}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -206,8 +189,9 @@ def _feature_proxy(config: LIFTStudyConfig, cache: Path):
             net = None
     if net is None:
         t0 = time.perf_counter()
-        net = train_feature_proxy(_proxy_images(config), config.proxy)
-        save_feature_proxy(net, config.proxy, cache, meta={"key": key, "final_loss": net.final_loss,
+        net = train_feature_proxy(proxy_images(config.experiment.lift, config.experiment.proxy),
+                                  config.experiment.proxy)
+        save_feature_proxy(net, config.experiment.proxy, cache, meta={"key": key, "final_loss": net.final_loss,
                                                             "seconds": time.perf_counter() - t0})
     _PROXIES[key] = net
     return net
@@ -415,7 +399,7 @@ def build_lift_study(config: LIFTStudyConfig, preset: str | None = None) -> Stud
     comparisons.append(Comparison("mse/clean64_noisy32", "mse/both_noisy", "mse_32"))
     demo_steps = LIFTConfig.from_name("tiny").train.steps
     fixed_points = max(1, min(acfg.fixed_steps, 2 * (acfg.num_points - 1))) + 1
-    p = config.proxy
+    p = config.experiment.proxy
     notes = [
         f"Sample quality: **{PROXY_NAME}**" + (" and FID (pytorch-fid Inception, "
                                                f"fid_weights={config.fid_weights}; tiny-sample FID is biased high)"
