@@ -24,7 +24,7 @@ def _error(capsys, argv) -> str:
     return err[0]
 
 
-@pytest.mark.parametrize("cmd", ["autoencoder", "encode", "train", "sample", "eval", "plot", "demo"])
+@pytest.mark.parametrize("cmd", ["autoencoder", "encode", "train", "sample", "eval", "plot", "demo", "study"])
 def test_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main(["ldm", cmd, "--help"])
@@ -77,3 +77,9 @@ def test_pipeline_end_to_end(tmp_path, capsys):
     assert s["images"].shape == (4, 3, 16, 16)
     for f in ("training.png", "loss_quartiles.png", "cond_error.png", "samples/grid.png", "eval_grids/cond_scale_3.png"):
         assert (tmp_path / "run" / f).is_file(), f
+
+
+def test_study_user_mistakes(tmp_path, capsys):
+    out = str(tmp_path / "s")
+    assert "cond_scales must include 1" in _error(capsys, ["ldm", "study", "--out-dir", out, "cond_scales=[3,6]"])
+    assert "no mismatch" in _error(capsys, ["ldm", "study", "--out-dir", out, "test_balance_p=0.5"])
