@@ -2,6 +2,7 @@
 scale, headline in the title) and a report saying which differences are within noise."""
 import json
 
+import pytest
 import torch
 
 from dualdiff.experiments.ldm import LDMConfig, demo_report
@@ -33,6 +34,7 @@ def test_report_separates_real_differences_from_noise():
     assert md.count("**outside noise**") == sum(x["outside_noise"] for x in rep["differences"])
 
 
+@pytest.mark.slow  # ~40 s on the loaded 2-core machine; `pytest -m slow tests/test_ldm_demo.py`
 def test_demo_end_to_end_writes_the_figure_and_report(tmp_path, capsys):
     from dualdiff.cli import main
 
