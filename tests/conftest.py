@@ -30,6 +30,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# One intra-op thread for the whole suite (DUALDIFF_TEST_THREADS overrides): the tests' models are
+# tiny, and on a 2-core machine, let alone a shared one, a second thread slows them (measured: 30
+# tiny training steps 117 s with 2 threads under load, ~6 s with 1). The C++ kernels' OpenMP
+# threads are not affected (OMP_NUM_THREADS).
+torch.set_num_threads(int(os.environ.get("DUALDIFF_TEST_THREADS", "1")))
+
 
 def require(module: str) -> types.ModuleType:
     """Import ``module`` for a test: skip the test when it is missing, fail it under ``CI=true``."""
