@@ -89,6 +89,7 @@ TINY: dict[tuple[str, ...], list[str]] = {
     ("ops-check",): ["--iters", "1"],
     ("toy2d", "run"): _TOY2D,
     ("toy2d", "plot"): [],
+    ("toy2d", "demo"): _TOY2D,
     ("lift", "demo"): _LIFT_DEMO,
     ("lift", "train"): _LIFT_TRAIN,
     ("lift", "heatmap"): _LIFT_ANALYSIS,

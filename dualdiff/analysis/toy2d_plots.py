@@ -5,7 +5,9 @@ load_results`'s dictionary:
   training loss smoothed with a Hanning window of 25 steps (the template's ``plot.py``);
 * ``generated_images.png``: variants (rows) x datasets (columns) scatter grid of the samples;
 * ``weight_evolution.png``: one panel per dataset, the global (solid) and local (dashed) weight
-  of every adaptive variant against the timestep t = 0..T-1.
+  of every adaptive variant against the timestep t = 0..T-1;
+* ``demo.png`` (``dualdiff toy2d demo``): datasets (rows) x [data, variants...] (columns), each
+  run's samples beside its data on the same axes, the KL in each panel's title.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import numpy as np
 from dualdiff.analysis.plots import _plt, save_figure
 
 __all__ = ["smooth", "plot_train_loss", "plot_generated_images", "plot_weight_evolution",
-           "plot_all"]
+           "plot_all", "plot_demo"]
 
 _ADAPTIVE = ("adaptive", "adaptive_deep")
 
@@ -135,3 +137,60 @@ def plot_all(results: dict, out_dir: str | os.PathLike) -> dict[str, Path | None
     return {"train_loss": plot_train_loss(results, out / "train_loss.png"),
             "generated_images": plot_generated_images(results, out / "generated_images.png"),
             "weight_evolution": plot_weight_evolution(results, out / "weight_evolution.png")}
+
+
+def plot_demo(results: dict, data: dict[str, np.ndarray], path: str | os.PathLike, title: str,
+              subtitle: str = "", max_points: int | None = None) -> Path:
+    """``demo.png``: one row per dataset, the training data (grey, first column) beside each
+    variant's samples (one column per variant, the same axes along a row), ``<variant>  KL x.xx``
+    in each panel's title and ``title`` / ``subtitle`` above. ``data``: ``{dataset: [n, 2]}``;
+    at most ``max_points`` (default: the number of samples per run) data points are drawn, a
+    seeded random subset, so that both columns show the same density. About 1450 px wide for
+    four variants."""
+    plt = _plt()
+    datasets, variants, arrays = results["datasets"], results["variants"], results["arrays"]
+    runs = results.get("runs", {})
+    missing = [d for d in datasets if d not in data]
+    if missing:
+        raise ValueError(f"data: no points for dataset(s) {missing}")
+    cols = 1 + len(variants)
+    rows = len(datasets)
+    fig, axs = plt.subplots(rows, cols, figsize=(2.9 * cols, 2.75 * rows + 0.9), squeeze=False)
+    colors = _colors(len(variants))
+    rng = np.random.default_rng(0)
+    for i, d in enumerate(datasets):
+        x = np.asarray(data[d], dtype=np.float64)
+        n = max_points
+        if n is None:
+            n = max((len(arrays.get(f"{v}/{d}/images", ())) for v in variants), default=len(x))
+        if 0 < n < len(x):
+            x = x[rng.choice(len(x), n, replace=False)]
+        lo, hi = np.percentile(x, [0.5, 99.5], axis=0)
+        pad = 0.15 * (hi - lo).max() + 1e-3
+        mid, half = (lo + hi) / 2, (hi - lo).max() / 2 + pad
+        panels = [("data", x, (0.25, 0.25, 0.25, 1.0), f"{d}: data ({len(x)} pts)")]
+        for j, v in enumerate(variants):
+            kl = runs.get(f"{v}/{d}", {}).get("kl_divergence")
+            kl_s = f"{kl:.2f}" if isinstance(kl, (int, float)) and np.isfinite(kl) else "nan"
+            panels.append((v, arrays.get(f"{v}/{d}/images"), colors[j], f"{v}  KL {kl_s}"))
+        for j, (_, pts, color, label) in enumerate(panels):
+            ax = axs[i, j]
+            if pts is not None:  # denser clouds drawn fainter, so structure stays visible
+                alpha = float(np.clip(12 / np.sqrt(max(len(pts), 1)), 0.2, 0.7))
+                ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=alpha, color=color, lw=0,
+                           rasterized=True)
+            ax.set_xlim(mid[0] - half, mid[0] + half)
+            ax.set_ylim(mid[1] - half, mid[1] + half)
+            ax.set_aspect("equal")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(label, fontsize=10, fontweight="bold" if j == 0 else "normal")
+            for side in ax.spines.values():
+                side.set_color("0.75")
+        axs[i, 0].set_ylabel(d, fontsize=11)
+    fig.suptitle(title, fontsize=13, fontweight="bold", y=0.995)
+    if subtitle:
+        fig.text(0.5, 1 - 0.55 / fig.get_figheight(), subtitle, ha="center", va="top",
+                 fontsize=10, color="0.3")
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.7 / fig.get_figheight()))
+    return save_figure(fig, path, dpi=100)
