@@ -79,7 +79,8 @@ def add_run_options(parser: argparse.ArgumentParser, config_cls: type, *,
                     presets: Presets | None = None, default_preset: str | None = None,
                     out_dir: str = "required", default_out_dir: str | None = None,
                     resume: bool = True, train_key: str = "train",
-                    foreign_keys: tuple[str, ...] = (), run_input: str | None = None) -> None:
+                    foreign_keys: tuple[str, ...] = (), train_keys_read: tuple[str, ...] | None = None,
+                    run_input: str | None = None) -> None:
     """Add the shared options to ``parser`` for a command configured by ``config_cls``.
 
     ``out_dir``: ``"run"`` (the run folder: ``--out-dir`` is the ``train.out_dir`` key's flag),
@@ -88,7 +89,9 @@ def add_run_options(parser: argparse.ArgumentParser, config_cls: type, *,
     name to a zero-argument callable; ``default_preset`` is used without ``preset=``.
     ``train_key``: the TrainConfig section the command trains with (``--resume`` and
     ``--device`` set its keys). ``foreign_keys``: key prefixes the command does not read
-    (a ``key=value`` under them is a ConfigError, never ignored). ``run_input``: the name of the
+    (a ``key=value`` under them is a ConfigError, never ignored). ``train_keys_read``: for a
+    command that reads only some ``train.*`` keys, those keys (any other ``train.*`` key=value is a
+    ConfigError naming them; None: all are read). ``run_input``: the name of the
     option holding a finished run whose stored config the command starts from (``load_run``).
     """
     if out_dir not in {"run", "required", "optional", "none"}:
@@ -119,7 +122,8 @@ def add_run_options(parser: argparse.ArgumentParser, config_cls: type, *,
                              + (f"; preset=NAME picks one of: {names}" if names else ""))
     parser.set_defaults(_config_cls=config_cls, _presets=dict(presets or {}),
                         _default_preset=default_preset, _out_dir_mode=out_dir, _train_key=train_key,
-                        _foreign_keys=tuple(foreign_keys), _run_input=run_input)
+                        _foreign_keys=tuple(foreign_keys), _train_keys_read=train_keys_read,
+                        _run_input=run_input)
 
 
 def _device_key(cfg: Any, train_key: str = "train") -> str | None:
@@ -176,6 +180,10 @@ def config_from_args(args: argparse.Namespace, base: Any = None) -> Any:
             if key.startswith(prefix) and key != "train.out_dir":  # the run folder: every command's
                 raise ConfigError(f"{key} is not used by this command (it trains with {train_key}.*): "
                                   f"set it for the command that reads it")
+        read = getattr(args, "_train_keys_read", None)
+        if read is not None and key.startswith("train.") and key not in read:
+            raise ConfigError(f"{key} is not used by this command (of train.* it reads only "
+                              f"{', '.join(read)}): set it for the command that reads it")
         rest.append(tok)
     if base is not None:
         cfg = copy.deepcopy(base)

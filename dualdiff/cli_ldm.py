@@ -35,7 +35,8 @@ def register_ldm_commands(subparsers) -> None:
         ("autoencoder", _autoencoder, "train the conv_kl autoencoder (the vae experiment's) on the tiles with "
                                       "its own TrainConfig ae.train.*", dict(train_key="ae.train", foreign_keys=("train.",))),
         ("encode", _encode, "encode the train/test tiles once into latent caches",
-         dict(resume=False, foreign_keys=("ae.train.",))),
+         dict(resume=False, foreign_keys=("ae.train.",),
+              train_keys_read=("train.out_dir", "train.batch_size", "train.device"))),
         ("train", _train, "train the conditioned UNet on the cached latents (train.*)",
          dict(foreign_keys=("ae.train.",))),
         ("demo", _demo, "the demo preset (tiny) end to end on the CPU (a few minutes)", dict(resume=False)),
@@ -50,7 +51,8 @@ def register_ldm_commands(subparsers) -> None:
     ):
         p = sub.add_parser(name, help=text + "; key=value: the run's stored config, e.g. cond_scale=6")
         add_run_options(p, LDMConfig, presets=LDM_PRESETS, out_dir="required", resume=False,
-                        run_input="--out-dir")
+                        run_input="--out-dir", foreign_keys=("ae.train.",),
+                        train_keys_read=("train.out_dir", "train.seed", "train.device"))
         p.set_defaults(func=fn)
     p = sub.add_parser("plot", help="redraw the figures of a run")
     p.add_argument("--out-dir", required=True, metavar="DIR", help="the run folder")

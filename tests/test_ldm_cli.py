@@ -83,3 +83,17 @@ def test_study_user_mistakes(tmp_path, capsys):
     out = str(tmp_path / "s")
     assert "cond_scales must include 1" in _error(capsys, ["ldm", "study", "--out-dir", out, "cond_scales=[3,6]"])
     assert "no mismatch" in _error(capsys, ["ldm", "study", "--out-dir", out, "test_balance_p=0.5"])
+
+
+@pytest.mark.parametrize("key", ["train.lr=1e-3", "train.steps=5", "ae.train.lr=1e-3"])
+def test_encode_rejects_keys_it_does_not_read(key, capsys):
+    """`ldm encode` reads only train.out_dir / batch_size / device: any other train.* (or the
+    autoencoder's ae.train.*) key is one error line, never accepted and ignored."""
+    from dualdiff.cli import main
+
+    assert main(["ldm", "encode", "--out-dir", "runs/never-made", key, "--show-config"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dualdiff: error:") and key.split("=")[0] in err[0]
+    with pytest.raises(SystemExit) as done:  # --show-config prints and exits 0
+        main(["ldm", "encode", "--out-dir", "runs/never-made", "train.batch_size=4", "--show-config"])
+    assert done.value.code in (0, None) and "train.batch_size: int = " in capsys.readouterr().out
