@@ -13,6 +13,16 @@ from dualdiff.ops.frechet import frechet_distance, frechet_distance_reference, t
 from dualdiff.testing import forced_backend
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _every_core():
+    """2048x2048 float64 eigendecompositions: unlike the suite's tiny models they gain from every
+    core (the suite runs on one torch thread, tests/conftest.py)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(max(1, __import__("os").cpu_count() or 1))
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def pytorch_fid(require):
     """pytorch-fid's fid_score, the reference (a skip without it; a failure under CI=true)."""
