@@ -129,7 +129,7 @@ def test_lower_layers_never_import_experiments_or_the_cli(layer):
     assert {m: ts for m, ts in bad.items() if ts} == {}
 
 
-def test_every_module_imports():
+def test_every_module_imports(tmp_path):
     code = ("import importlib, sys\n"
             f"names = {sorted(MODULES)!r}\n"
             "bad = []\n"
@@ -140,5 +140,8 @@ def test_every_module_imports():
             "        bad.append(f'{n}: {type(e).__name__}: {e}')\n"
             "print('\\n'.join(bad))\n"
             "sys.exit(1 if bad else 0)\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    # from a neutral folder: `python -c` in the checkout would import its source tree (no built
+    # dualdiff._C, no dualdiff.kernels mapping) instead of the installed package
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -15,6 +15,7 @@ COMMON = ["preset=tiny", "data.image_size=16", "data.num_train=32", "data.num_te
 # each training stage takes its own TrainConfig's keys: the autoencoder ae.train.*, the UNet train.*
 AE_MICRO = [*COMMON, "ae.train.steps=4", "ae.train.batch_size=8"]
 MICRO = [*COMMON, "train.steps=4", "train.batch_size=8", "train.log_every=2"]
+ENCODE_MICRO = [*COMMON, "train.batch_size=8"]  # encode reads no other train.* key
 
 
 def _error(capsys, argv) -> str:
@@ -49,7 +50,7 @@ def test_user_mistakes(tmp_path, capsys):
         capsys, ["ldm", "train", "--out-dir", out, "model.channels=3"])
     assert "no checkpoint" in _error(capsys, ["ldm", "sample", "--out-dir", out])
     data = _folder(tmp_path / "data")
-    argv = ["ldm", "encode", "--out-dir", out, *MICRO, "data.source=folder", f"data.path={data}"]
+    argv = ["ldm", "encode", "--out-dir", out, *ENCODE_MICRO, "data.source=folder", f"data.path={data}"]
     Image.fromarray(np.full((16, 16), 5, np.uint8)).save(data / "masks" / "a1.png")
     assert "they must be in [0, 4]" in _error(capsys, argv)
     Image.fromarray(np.zeros((16, 12), np.uint8)).save(data / "masks" / "a1.png")
@@ -65,7 +66,8 @@ def test_user_mistakes(tmp_path, capsys):
 def test_pipeline_end_to_end(tmp_path, capsys):
     out = str(tmp_path / "run")
     for cmd in ("autoencoder", "encode", "train"):
-        assert main(["ldm", cmd, "--out-dir", out, *(AE_MICRO if cmd == "autoencoder" else MICRO)]) == 0, cmd
+        micro = {"autoencoder": AE_MICRO, "encode": ENCODE_MICRO}.get(cmd, MICRO)
+        assert main(["ldm", cmd, "--out-dir", out, *micro]) == 0, cmd
     assert main(["ldm", "sample", "--out-dir", out, "cond_scale=6"]) == 0
     assert main(["ldm", "eval", "--out-dir", out]) == 0
     assert main(["ldm", "plot", "--out-dir", out]) == 0

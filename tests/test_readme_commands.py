@@ -112,7 +112,7 @@ TINY: dict[tuple[str, ...], list[str]] = {
     ("tadiff", "plot"): [],
     ("ldm", "demo"): [*_LDM, "ae.train.steps=4", "ae.train.batch_size=8"],
     ("ldm", "autoencoder"): _LDM_AE,
-    ("ldm", "encode"): _LDM,
+    ("ldm", "encode"): [*_LDM_COMMON, "train.batch_size=8"],  # encode reads no other train.* key
     ("ldm", "train"): _LDM,
     ("ldm", "sample"): [],  # sizes come from the run's stored (tiny) config
     ("ldm", "eval"): [],

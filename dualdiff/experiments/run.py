@@ -85,21 +85,18 @@ def normalize_resume(resume: bool | str | os.PathLike | None) -> str | None:
     raise ConfigError(f"resume must be auto, latest or a checkpoint path, got {resume!r}")
 
 
-_PRESET_OUT_DIRS: dict[int, frozenset[str]] = {}
-
-
 def _preset_out_dirs(presets: Presets) -> frozenset[str]:
-    key = id(presets)
-    if key not in _PRESET_OUT_DIRS:
-        from dualdiff.train.config import TrainConfig
+    """The run folders no user set: TrainConfig's default and each preset's own. Computed on each
+    call (a few dataclass constructions): a cache keyed by ``id(presets)`` returned another table's
+    folders once a CLI parser's presets dict was freed and its id reused."""
+    from dualdiff.train.config import TrainConfig
 
-        dirs = {str(TrainConfig.__dataclass_fields__["out_dir"].default)}
-        for make in presets.values():
-            train = getattr(make(), "train", None)
-            if train is not None and hasattr(train, "out_dir"):
-                dirs.add(str(train.out_dir))
-        _PRESET_OUT_DIRS[key] = frozenset(dirs)
-    return _PRESET_OUT_DIRS[key]
+    dirs = {str(TrainConfig.__dataclass_fields__["out_dir"].default)}
+    for make in presets.values():
+        train = getattr(make(), "train", None)
+        if train is not None and hasattr(train, "out_dir"):
+            dirs.add(str(train.out_dir))
+    return frozenset(dirs)
 
 
 def apply_run_flags(config: Any, out_dir: str | os.PathLike | None = None,
