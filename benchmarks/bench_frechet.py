@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from dualdiff.ops.frechet import frechet_distance, frechet_distance_reference
+from dualdiff.testing import require
 
 SMOKE = os.environ.get("DUALDIFF_BENCH_SIZE") == "smoke"
 CPU_N, CPU_DIM = (100, 32) if SMOKE else (1500, 512)
@@ -52,17 +53,6 @@ def eigvals_fid(mu1, s1, mu2, s2) -> float:
     return float(d.dot(d) + s1.trace() + s2.trace() - 2 * tr)
 
 
-def _require(module: str):
-    """tests/conftest.py's ``require`` (loaded by path: benchmarks/ does not see tests/'s fixtures)."""
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("_dualdiff_tests_conftest",
-                                                  Path(__file__).resolve().parents[1] / "tests" / "conftest.py")
-    conftest = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(conftest)
-    return conftest.require(module)
-
-
 # ----------------------------------------------------------------------------- CPU suite
 @pytest.fixture(scope="module")
 def cpu_stats():
@@ -71,7 +61,7 @@ def cpu_stats():
 
 @pytest.mark.benchmark(group=f"frechet-cpu-{CPU_DIM}")
 def test_scipy_pytorch_fid(benchmark, cpu_stats):
-    _require("pytorch_fid")  # the optional reference row: a skip without it, a failure under CI=true
+    require("pytorch_fid")  # the optional reference row: a skip without it, a failure under CI=true
     benchmark.pedantic(scipy_fid, args=cpu_stats, rounds=3, iterations=1, warmup_rounds=1)
 
 

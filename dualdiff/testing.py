@@ -2,12 +2,33 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
+import types
 from typing import Iterator
 
 import torch
 
 POISON = float("nan")
+
+
+def on_ci() -> bool:
+    """True under ``CI=true`` (CI installs the test extra: a missing library is an error there)."""
+    return os.environ.get("CI", "").lower() == "true"
+
+
+def require(module: str) -> types.ModuleType:
+    """Import an optional test library (diffusers, monai, pytorch-fid, ...) for a test or a
+    benchmark: skip it when the library is missing, FAIL it under ``CI=true``."""
+    import pytest
+
+    if on_ci():
+        try:
+            return importlib.import_module(module)
+        except ImportError as exc:
+            pytest.fail(f"CI=true and the test dependency {module!r} is missing ({exc}); "
+                        "install the test extra: pip install '.[test]'", pytrace=False)
+    return pytest.importorskip(module)
 
 
 @contextlib.contextmanager

@@ -19,7 +19,6 @@ GPU -- and skips elsewhere.
 """
 from __future__ import annotations
 
-import importlib
 import os
 import types
 from typing import Callable
@@ -36,20 +35,11 @@ if not torch.cuda.is_available():
 # threads are not affected (OMP_NUM_THREADS).
 torch.set_num_threads(int(os.environ.get("DUALDIFF_TEST_THREADS", "1")))
 
-
-def require(module: str) -> types.ModuleType:
-    """Import ``module`` for a test: skip the test when it is missing, fail it under ``CI=true``."""
-    if _on_ci():
-        try:
-            return importlib.import_module(module)
-        except ImportError as exc:
-            pytest.fail(f"CI=true and the test dependency {module!r} is missing ({exc}); "
-                        "install the test extra: pip install '.[test]'", pytrace=False)
-    return pytest.importorskip(module)
+# after TRITON_INTERPRET is set: nothing of dualdiff is imported before it
+from dualdiff.testing import on_ci, require  # noqa: E402,F401  (require: tests import it from here)
 
 
-def _on_ci() -> bool:
-    return os.environ.get("CI", "").lower() == "true"
+_on_ci = on_ci
 
 
 def backend_must_work(name: str, device_type: str) -> bool:
