@@ -18,7 +18,7 @@ WORKER = textwrap.dedent('''
     import torch
     from torch import nn
     import torch.distributed as dist
-    from dualdiff.train import TrainConfig, Trainer, get_rank, get_world_size
+    from dualdiff.train import TrainConfig, Trainer, cleanup_distributed, get_rank, get_world_size
 
     def make(seed=0):
         torch.manual_seed(seed)
@@ -59,7 +59,8 @@ WORKER = textwrap.dedent('''
         torch.save({"model": tr.model.state_dict(), "nonfinite": tr.nonfinite_total,
                     "skipped": [r["step"] for r in tr.history if r["skipped"]]},
                    f"{out}/nan_rank{get_rank()}.pt")
-        dist.destroy_process_group()
+        del tr  # its DDP wrapper holds the process group: free it before the group goes
+        cleanup_distributed()
 ''')
 
 

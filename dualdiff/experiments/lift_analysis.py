@@ -272,6 +272,7 @@ def run_heatmap(checkpoint, out_dir, cfg: LIFTAnalysisConfig, *, progress: bool 
     model, lcfg, schedule = load_analysis_model(checkpoint, cfg)
     dev = next(model.parameters()).device
     started = not is_distributed() and init_distributed(device=dev, timeout=_SHARD_WAIT)
+    failed = True
     try:
         rank, world = get_rank(), get_world_size()
         x = real_images(lcfg, cfg.heatmap_samples, cfg.seed).to(dev)
@@ -287,18 +288,20 @@ def run_heatmap(checkpoint, out_dir, cfg: LIFTAnalysisConfig, *, progress: bool 
         if world == 1:
             res.save(out / "heatmap")
             partial.unlink(missing_ok=True)
+            failed = False
             return res
         res.save(shard_path(out, rank, world))
         partial.unlink(missing_ok=True)
         barrier()  # every shard is on disk
+        failed = False
         if rank != 0:
             return None
         merged = merge_heatmap_shards([shard_path(out, r, world) for r in range(world)])
         merged.save(out / "heatmap")
         return merged
     finally:
-        if started:
-            cleanup_distributed()
+        if started:  # after an error the other ranks may never reach the closing barrier
+            cleanup_distributed(wait=not failed)
 
 
 #: how long a rank waits at the barrier for the others' shards (ranks resumed from partial

@@ -7,6 +7,7 @@ process group once. A single process (no WORLD_SIZE or WORLD_SIZE=1) needs nothi
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from typing import Any
 
@@ -94,6 +95,17 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
-def cleanup_distributed() -> None:
+def cleanup_distributed(wait: bool = True) -> None:
+    """Tear down the process group: a barrier, then destroy it (no-op in a single process).
+
+    ``wait=False`` skips the barrier (on an error path, where the other ranks may never
+    reach it, or reach a different one). The barrier keeps a rank from closing its connections while another is still inside a
+    collective. Drop every object holding the group (a ``Trainer``'s DDP wrapper) first: the
+    ``gc.collect()`` here then frees it while the interpreter is fully alive; a gloo group
+    freed later, at interpreter shutdown, can abort the process (SIGABRT).
+    """
     if is_distributed():
+        if wait:
+            dist.barrier()
+        gc.collect()
         dist.destroy_process_group()
