@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from dualdiff._backend import backend_status
+from dualdiff.testing import require_backend
 from dualdiff.ops.weighted_dice import weighted_dice_loss, weighted_dice_loss_reference
 
 SMOKE = os.environ.get("DUALDIFF_BENCH_SIZE") == "smoke"
@@ -67,6 +68,7 @@ def test_cpu_fwd_bwd(benchmark, shape, activation, variant):
     else:
         vs = _variants("cpu")
         if variant not in vs:
+            require_backend(variant, "cpu")  # fails where the backend must work, else skips
             pytest.skip(f"{variant} unusable here")
         fn = vs[variant]
     step = _step(fn, x, g, w, activation)
@@ -85,6 +87,7 @@ def test_cuda_fwd_bwd(benchmark, shape, activation, variant):
     x, g, w = _inputs(shape, "cuda")
     vs = _variants("cuda")
     if variant not in vs:
+        require_backend(variant, "cuda")  # fails where the backend must work, else skips
         pytest.skip(f"{variant} unusable here")
     step = _step(vs[variant], x, g, w, activation)
 

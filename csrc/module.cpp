@@ -1,4 +1,5 @@
 // dualdiff._C: pybind11 module that gathers the C++ CPU and CUDA kernels of every op.
+#include "cpu_parallel.h"
 #include "dualdiff.h"
 
 #ifdef DUALDIFF_WITH_OPENMP
@@ -23,6 +24,10 @@ PYBIND11_MODULE(_C, m) {
   m.attr("has_openmp") = false;
   m.def("openmp_max_threads", []() { return 1; });
 #endif
+  m.attr("cpu_grain_elements") = dualdiff::kGrainElements;
+  m.def("cpu_threads_for", &dualdiff::cpu_threads_for, py::arg("work"),
+        "OpenMP threads the CPU kernels use for `work` elements: 1 below cpu_grain_elements, "
+        "else one per grain up to the OpenMP maximum (ATen's parallel_for rule)");
   dualdiff::register_weighted_dice(m);
   dualdiff::register_vae_loss(m);
   dualdiff::register_timestep_embedding(m);

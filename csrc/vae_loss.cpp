@@ -13,6 +13,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_parallel.h"
 #include "dualdiff.h"
 #include "vae_math.h"
 
@@ -147,8 +148,9 @@ void recon_chunk_grad(const float* l, const float* x, float* g, std::int64_t n, 
 double recon_sum(const float* l, const float* x, std::int64_t n, bool mse) {
   const std::int64_t chunks = (n + kChunk - 1) / kChunk;
   std::vector<double> partial(static_cast<size_t>(chunks));
+  const int threads = cpu_threads_for(n);
 #ifdef DUALDIFF_WITH_OPENMP
-#pragma omp parallel for schedule(static) if (chunks > 1)
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
 #endif
   for (std::int64_t c = 0; c < chunks; ++c) {
     const std::int64_t start = c * kChunk;
@@ -238,8 +240,9 @@ void vae_loss_backward_cpu(std::uintptr_t logits, std::uintptr_t x, std::uintptr
     const float* xx = ptr<const float>(x);
     float* g = ptr<float>(glogits);
     const std::int64_t chunks = (n + kChunk - 1) / kChunk;
+    const int threads = cpu_threads_for(n);
 #ifdef DUALDIFF_WITH_OPENMP
-#pragma omp parallel for schedule(static) if (chunks > 1)
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
 #endif
     for (std::int64_t c = 0; c < chunks; ++c) {
       const std::int64_t start = c * kChunk;

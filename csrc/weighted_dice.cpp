@@ -22,6 +22,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_parallel.h"
 #include "dualdiff.h"
 
 // 32-byte vectors in the baseline-ISA variant: only passed between always-inline functions.
@@ -439,8 +440,9 @@ void forward(const float* x, const GT* g, const float* w, bool w_per_channel, fl
   // part[(group * n_chunks + chunk) * cp * 3 + c * 3 + k]
   std::vector<double> part(static_cast<size_t>(items * cp * 3));
   const Isa isa = pick_isa();
+  const int threads = items > 1 ? cpu_threads_for(P.B * P.C * P.S) : 1;
 #ifdef DUALDIFF_WITH_OPENMP
-#pragma omp parallel if (items > 1)
+#pragma omp parallel num_threads(threads) if (threads > 1)
 #endif
   {
     std::vector<float> buf(ACT == ACT_SOFTMAX && P.C > MAX_FIXED_C ? static_cast<size_t>(4 * P.C * MAX_W) : 0);
@@ -497,8 +499,9 @@ void backward(const float* x, const GT* g, const float* w, bool w_per_channel, c
   const int64_t groups = ACT == ACT_SOFTMAX ? P.B : R;
   const int64_t items = groups * P.n_chunks;
   const Isa isa = pick_isa();
+  const int threads = items > 1 ? cpu_threads_for(P.B * P.C * P.S) : 1;
 #ifdef DUALDIFF_WITH_OPENMP
-#pragma omp parallel if (items > 1)
+#pragma omp parallel num_threads(threads) if (threads > 1)
 #endif
   {
     std::vector<float> buf(ACT == ACT_SOFTMAX && P.C > MAX_FIXED_C ? static_cast<size_t>(2 * P.C * MAX_W) : 0);

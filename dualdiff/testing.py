@@ -1,4 +1,4 @@
-"""Helpers for testing fast backends against the reference (used by dualdiff's own tests)."""
+"""Helpers for testing fast backends against the reference (used by dualdiff's tests and benchmarks)."""
 from __future__ import annotations
 
 import contextlib
@@ -29,6 +29,43 @@ def require(module: str) -> types.ModuleType:
             pytest.fail(f"CI=true and the test dependency {module!r} is missing ({exc}); "
                         "install the test extra: pip install '.[test]'", pytrace=False)
     return pytest.importorskip(module)
+
+
+def backend_must_work(name: str, device_type: str) -> bool:
+    """Whether backend ``name`` must be usable for ``device_type`` tensors on this machine:
+    ``torch`` always; under ``CI=true`` the ``cpp`` backend and, on a CPU-only runner, ``triton``
+    on the CPU (the interpreter); on a GPU host ``cuda`` and ``triton`` on the GPU."""
+    if name == "torch":
+        return True
+    if device_type == "cuda":
+        return torch.cuda.is_available() and name in ("cuda", "triton")
+    if device_type == "cpu" and on_ci():
+        return name == "cpp" or (name == "triton" and not torch.cuda.is_available())
+    return False
+
+
+def require_backend(name: str, device: str | torch.device = "cpu") -> None:
+    """Return when backend ``name`` is usable for tensors on ``device``; otherwise FAIL the test
+    when the backend is built but its probe fails, or when this machine must have it
+    (:func:`backend_must_work`), and skip it only where it legitimately cannot run."""
+    import pytest
+
+    from dualdiff import _backend
+
+    device_type = torch.device(device).type
+    if device_type == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU; run on the device machine")
+    ok, why = _backend.backend_status(name, device)
+    if ok:
+        return
+    built, _ = _backend._static_status(name, device_type)
+    if built:
+        pytest.fail(f"backend {name!r} is built for {device_type} but unusable: {why}", pytrace=False)
+    if backend_must_work(name, device_type):
+        where = "CI=true" if on_ci() and device_type == "cpu" else "a GPU host"
+        pytest.fail(f"backend {name!r} must be usable for {device_type} tensors on {where}, but: {why}",
+                    pytrace=False)
+    pytest.skip(f"backend {name!r} not available for {device_type} here: {why}")
 
 
 @contextlib.contextmanager

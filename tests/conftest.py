@@ -31,49 +31,14 @@ if not torch.cuda.is_available():
 
 # One intra-op thread for the whole suite (DUALDIFF_TEST_THREADS overrides): the tests' models are
 # tiny, and on a 2-core machine, let alone a shared one, a second thread slows them (measured: 30
-# tiny training steps 117 s with 2 threads under load, ~6 s with 1). The C++ kernels' OpenMP
-# threads are not affected (OMP_NUM_THREADS).
+# tiny training steps 117 s with 2 threads under load, ~6 s with 1). torch and dualdiff._C share
+# the process's OpenMP runtime, so this is the C++ kernels' thread count too:
+# tests/test_cpu_parallel.py raises it to run their multi-threaded path.
 torch.set_num_threads(int(os.environ.get("DUALDIFF_TEST_THREADS", "1")))
 
 # after TRITON_INTERPRET is set: nothing of dualdiff is imported before it
-from dualdiff.testing import on_ci, require  # noqa: E402,F401  (require: tests import it from here)
-
-
-_on_ci = on_ci
-
-
-def backend_must_work(name: str, device_type: str) -> bool:
-    """Whether backend ``name`` must be usable for ``device_type`` tensors on this machine (the
-    rule in the module docstring)."""
-    if name == "torch":
-        return True
-    if device_type == "cuda":
-        return torch.cuda.is_available() and name in ("cuda", "triton")
-    if device_type == "cpu" and _on_ci():
-        return name == "cpp" or (name == "triton" and not torch.cuda.is_available())
-    return False
-
-
-def require_backend(name: str, device: str | torch.device = "cpu") -> None:
-    """Return when backend ``name`` is usable for tensors on ``device``; otherwise FAIL the test
-    when the backend is built but its probe fails, or when this machine must have it
-    (:func:`backend_must_work`), and skip it only where it legitimately cannot run."""
-    from dualdiff import _backend
-
-    device_type = torch.device(device).type
-    if device_type == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU; run on the device machine")
-    ok, why = _backend.backend_status(name, device)
-    if ok:
-        return
-    built, _ = _backend._static_status(name, device_type)
-    if built:
-        pytest.fail(f"backend {name!r} is built for {device_type} but unusable: {why}", pytrace=False)
-    if backend_must_work(name, device_type):
-        where = "CI=true" if _on_ci() and device_type == "cpu" else "a GPU host"
-        pytest.fail(f"backend {name!r} must be usable for {device_type} tensors on {where}, but: {why}",
-                    pytrace=False)
-    pytest.skip(f"backend {name!r} not available for {device_type} here: {why}")
+from dualdiff.testing import backend_must_work, on_ci, require, require_backend  # noqa: E402,F401
+# (tests import require / require_backend from here)
 
 
 @pytest.fixture(name="require_backend")
