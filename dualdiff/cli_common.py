@@ -52,6 +52,7 @@ __all__ = [
     "UserError",
     "add_run_options",
     "config_from_args",
+    "config_from_checkpoint_args",
     "format_config",
     "debug_enabled",
     "USER_ERRORS",
@@ -214,6 +215,22 @@ def config_from_args(args: argparse.Namespace, base: Any = None) -> Any:
     if mode == "required" and getattr(args, "out_dir", None) is None:
         raise ConfigError("--out-dir is required")
     return cfg
+
+
+def config_from_checkpoint_args(args: argparse.Namespace, writer: str) -> Any:
+    """:func:`config_from_args` for a command that reads a finished run given by ``--checkpoint``
+    (``add_run_options(..., run_input="--checkpoint")``): the run's stored config (written by
+    ``writer``, :func:`dualdiff.experiments.run.load_run`) is the base. ``--checkpoint`` is
+    required except with ``--show-config``."""
+    from dualdiff.errors import ConfigError
+    from dualdiff.experiments.run import load_run
+
+    stored = None
+    if args.checkpoint is not None:
+        stored = load_run(args.checkpoint, args._config_cls, writer=writer).config
+    elif not args.show_config:
+        raise ConfigError("--checkpoint is required")
+    return config_from_args(args, base=stored)
 
 
 def format_config(cfg: Any, preset: str | None = None) -> str:

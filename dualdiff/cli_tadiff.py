@@ -57,16 +57,10 @@ def _sweep(args) -> int:
 
 
 def _eval(args) -> int:
-    from dualdiff.cli_common import config_from_args
-    from dualdiff.experiments.run import load_run
-    from dualdiff.experiments.tadiff import TaDiffConfig, evaluate_tadiff
+    from dualdiff.cli_common import config_from_checkpoint_args
+    from dualdiff.experiments.tadiff import evaluate_tadiff
 
-    stored = None
-    if args.checkpoint is not None:
-        stored = load_run(args.checkpoint, TaDiffConfig, writer="train_tadiff").config
-    elif not args.show_config:
-        raise ConfigError("--checkpoint is required")
-    cfg = config_from_args(args, base=stored)
+    cfg = config_from_checkpoint_args(args, writer="train_tadiff")
     evaluate_tadiff(args.checkpoint, args.out_dir, config=cfg)
     return 0
 

@@ -1,6 +1,7 @@
-"""``dualdiff vae ...``: train | loo | sweep | plot | demo | study (the β-VAE experiment).
+"""``dualdiff vae ...``: train | eval | loo | sweep | plot | demo | study (the β-VAE experiment).
 
     dualdiff vae train --out-dir runs/vae [preset=tiny] [key=value ...]   # any VAEConfig key
+    dualdiff vae eval  --checkpoint runs/vae [--out-dir DIR] [eval_images=0 data.path=...]  # score a run again
     dualdiff vae loo   --out-dir runs/vae-loo preset=tiny                # one model per held-out environment
     dualdiff vae sweep --out-dir runs/vae-sweep preset=tiny [--kl-weights 5e-5,1e-4,5e-4]
     dualdiff vae plot  --out-dir runs/vae                                # redraw a run / sweep / loo folder
@@ -41,6 +42,20 @@ def _train(args) -> int:
     if "test" in m:
         _print_metrics(f"test ({m['test_env']})", m["test"])
     print(f"outputs in {res['out_dir']}")
+    return 0
+
+
+def _eval(args) -> int:
+    from dualdiff.cli_common import config_from_checkpoint_args
+    from dualdiff.experiments.vae import evaluate_vae_run
+
+    cfg = config_from_checkpoint_args(args, writer="train_vae")
+    m = evaluate_vae_run(args.checkpoint, args.out_dir, config=cfg)
+    n = m["val"].get("n", 0)
+    print(f"step {m['step']}, {n} validation image(s) scored (eval_images={m['eval_images']}; 0 = all)")
+    _print_metrics("val", m["val"])
+    if "test" in m:
+        _print_metrics(f"test ({m['test_env']})", m["test"])
     return 0
 
 
@@ -111,7 +126,7 @@ def _demo(args) -> int:
 
 
 def register_vae_commands(subparsers) -> argparse.ArgumentParser:
-    """Add ``vae`` with train | loo | sweep | plot | demo | study to an ``add_subparsers()`` object."""
+    """Add ``vae`` with train | eval | loo | sweep | plot | demo | study to an ``add_subparsers()`` object."""
     from dualdiff.cli_common import add_run_options
     from dualdiff.experiments.vae import SWEEP_KL_WEIGHTS, VAE_PRESETS, VAEConfig
 
@@ -121,6 +136,14 @@ def register_vae_commands(subparsers) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one model (preset=tiny|default, key=value overrides)")
     add_run_options(p, VAEConfig, presets=VAE_PRESETS, default_preset="default", out_dir="run")
     p.set_defaults(func=_train)
+    p = sub.add_parser("eval", help="score a finished run again: validation (and held-out environment) "
+                                    "metrics; key=value: eval_images, recon_images, data.path, "
+                                    "data.verify, data.skip_bad, train.batch_size, train.device")
+    p.add_argument("--checkpoint", default=None, help="checkpoint file or run folder (its newest step_*.pt)")
+    add_run_options(p, VAEConfig, presets=VAE_PRESETS, out_dir="optional", default_out_dir=None,
+                    resume=False, run_input="--checkpoint",
+                    train_keys_read=("train.batch_size", "train.device"))
+    p.set_defaults(func=_eval)
     p = sub.add_parser("loo", help="leave-one-domain-out: one model per held-out environment")
     add_run_options(p, VAEConfig, presets=VAE_PRESETS, default_preset="default", out_dir="run")
     p.set_defaults(func=_loo)

@@ -103,6 +103,7 @@ TINY: dict[tuple[str, ...], list[str]] = {
     ("vae", "train"): _VAE,
     ("vae", "loo"): [*_VAE, "data.environments=[warm,dark]"],
     ("vae", "sweep"): [*_VAE, "data.environments=[warm]"],  # 3 kl_weights x 1 environment
+    ("vae", "eval"): [],  # sizes come from the run's stored (tiny) config
     ("vae", "plot"): [],  # redraws a finished folder; takes no keys
     ("tadiff", "demo"): _TADIFF[1:],
     ("tadiff", "make-data"): _TADIFF,

@@ -267,3 +267,67 @@ def test_cli_loo_sweep_and_plot(tmp_path, capsys):
     assert main(["vae", "plot", "--out-dir", str(tmp_path / "loo")]) == 0
     assert (tmp_path / "loo" / "loo.png").is_file()
     assert "held out" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- vae eval
+def test_eval_scores_the_run_again(tmp_path, capsys):
+    import json
+
+    from dualdiff.cli import main
+    from dualdiff.experiments.vae import evaluate_vae_run
+
+    cfg = _small(tmp_path, steps=3)
+    cfg.data.test_env = "dark"
+    cfg.eval_images = 4  # the run scores a stratified subset
+    res = train_vae(cfg, tmp_path / "run")
+    # the stored config: the same images and weights give the same numbers as the run's own
+    again = evaluate_vae_run(tmp_path / "run")
+    for split in ("val", "test"):
+        got, want = again[split], res["metrics"][split]
+        assert got.keys() == want.keys() and got["n"] == want["n"] == 4, split
+        assert got["accuracy_per_env"] == pytest.approx(want["accuracy_per_env"])
+        for k in set(want) - {"accuracy_per_env"}:
+            assert got[k] == pytest.approx(want[k]), (split, k)
+    assert again["test_env"] == "dark" and again["step"] == 3
+    assert (tmp_path / "run" / "eval.json").is_file()
+    assert (tmp_path / "run" / "eval_recon" / "grid.png").is_file()
+    # eval_images=0: every held-out image, through the CLI, into another folder
+    rc = main(["vae", "eval", "--checkpoint", str(tmp_path / "run"), "--out-dir", str(tmp_path / "ev"),
+               "eval_images=0"])
+    assert rc == 0
+    full = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert full["eval_images"] == 0
+    assert full["val"]["n"] == full["val"]["n_available"] == 6  # 20 % of 10 images x 3 environments
+    assert full["test"]["n"] == full["test"]["n_available"] == 10  # all of the held-out environment
+    assert "validation image(s) scored" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,match", [
+    (["kl_weight=1e-3"], "kl_weight cannot change"),
+    (["data.test_env=warm"], "data.test_env cannot change"),
+    (["data.holdout_fraction=0.5"], "data.holdout_fraction cannot change"),
+    (["model.latent_dim=8"], "model.latent_dim cannot change"),
+    (["train.lr=1e-3"], r"train.lr is not used by this command .*train.batch_size, train.device"),
+    (["preset=tiny"], "preset= does not apply here"),
+])
+def test_eval_refuses_keys_it_would_ignore(tmp_path, capsys, args, match):
+    import re
+
+    from dualdiff.cli import main
+
+    train_vae(_small(tmp_path, steps=1), tmp_path / "run")
+    capsys.readouterr()
+    rc = main(["vae", "eval", "--checkpoint", str(tmp_path / "run"), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("dualdiff: error: "), err
+    assert re.search(match, err[0]), err[0]
+    assert not (tmp_path / "run" / "eval.json").exists()
+
+
+def test_eval_needs_a_run(tmp_path, capsys):
+    from dualdiff.cli import main
+
+    assert main(["vae", "eval"]) == 2
+    assert "--checkpoint is required" in capsys.readouterr().err
+    assert main(["vae", "eval", "--checkpoint", str(tmp_path / "nothing")]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err

@@ -65,6 +65,8 @@ from dualdiff.utils.seed import derive_seed
 __all__ = ["ANNEAL_SCHEDULES", "DEFAULT_ANNEAL_END_FRAC", "LEGACY_WEIGHT", "kl_anneal_weight", "VAEModelConfig", "VAEDataConfig",
            "VAEConfig", "VAE_PRESETS", "VAELoss", "build_vae_model", "build_vae_data", "eval_selection",
            "evaluate_vae",
+           "evaluate_vae_run",
+           "EVAL_KEYS",
            "train_vae", "load_vae_model", "loo_vae", "sweep_vae", "plot_vae", "demo_vae", "image_metrics",
            "highpass_error", "active_units"]
 
@@ -652,6 +654,68 @@ def load_vae_model(path: str | Path, *, ema: bool = True, map_location: Any = "c
     n_cls = weights["classifier.weight"].shape[0] if "classifier.weight" in weights else 5
     model = load_weights(build_vae_model(run.config.model, n_cls), run, ema=ema)
     return model.eval(), run.config
+
+
+#: what ``vae eval`` may change in a run's stored config: where the images are read and how many
+#: are scored. The keys that choose the held-out images (source, environments, test_env,
+#: holdout_fraction, subset_size, seed) and the model stay the run's, so the scores are on the
+#: images the run never trained on.
+EVAL_KEYS = ("eval_images", "recon_images", "data.path", "data.verify", "data.skip_bad",
+             "train.batch_size", "train.device")
+
+
+def _changed_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the leaf fields where the dataclass configs ``a`` and ``b`` differ."""
+    out = []
+    for f in dataclasses.fields(a):
+        va, vb = getattr(a, f.name), getattr(b, f.name)
+        if dataclasses.is_dataclass(va) and dataclasses.is_dataclass(vb):
+            out += _changed_keys(va, vb, f"{prefix}{f.name}.")
+        elif va != vb:
+            out.append(f"{prefix}{f.name}")
+    return out
+
+
+def evaluate_vae_run(checkpoint: str | Path, out_dir: str | Path | None = None, *,
+                     config: VAEConfig | None = None) -> dict[str, Any]:
+    """Score a finished :func:`train_vae` run again (EMA weights, z = mu): the validation images
+    and, when the run held an environment out, its test images, with :func:`evaluate_vae`.
+
+    ``checkpoint``: a checkpoint file or a run folder (its newest checkpoint). ``config``: the
+    run's stored config with changes to :data:`EVAL_KEYS` only (e.g. ``eval_images=0`` scores
+    every held-out image; ``data.path`` where the images now are); any other change is a
+    ConfigError. Writes ``eval.json`` and ``eval_recon/grid.png`` to ``out_dir`` (default: the
+    run folder); returns ``{"checkpoint", "step", "eval_images", "val", "test", "test_env"}``
+    (``test`` / ``test_env`` only with a held-out environment)."""
+    from dualdiff.train.distributed import default_device
+
+    run = load_run(checkpoint, VAEConfig, writer="train_vae")
+    cfg = run.config if config is None else config
+    bad = [k for k in _changed_keys(run.config, cfg) if k not in EVAL_KEYS]
+    if bad:
+        raise ConfigError(f"vae eval scores the run's own held-out images with its trained model: "
+                          f"{', '.join(bad)} cannot change (eval reads {', '.join(EVAL_KEYS)})")
+    device = default_device(cfg.train.device)
+    ds, split, test_env = build_vae_data(cfg.data, cfg.model.image_size)
+    weights = run.state["ema"]["model"] if run.state.get("ema") else run.state["model"]
+    n_cls = weights["classifier.weight"].shape[0] if "classifier.weight" in weights else len(ds.classes)
+    model = load_weights(build_vae_model(cfg.model, n_cls), run, ema=True).to(device).eval()
+    ckpt = run.path
+    out = Path(out_dir) if out_dir is not None else \
+        (ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent)
+    out.mkdir(parents=True, exist_ok=True)
+    kw = dict(device=device, batch_size=cfg.train.batch_size, max_images=cfg.eval_images,
+              seed=cfg.data.seed)
+    metrics: dict[str, Any] = {"checkpoint": str(ckpt), "step": run.state.get("step"),
+                               "eval_images": cfg.eval_images,
+                               "val": evaluate_vae(model, ds, split.val, **kw)}
+    if split.test:
+        metrics["test"] = evaluate_vae(model, ds, split.test, **kw)
+        metrics["test_env"] = ds.environments[test_env]
+    grid_idx = eval_selection(ds, split.val or split.train, cfg.recon_images, seed=cfg.data.seed)
+    _recon_grid(model, ds, grid_idx, device, out / "eval_recon" / "grid.png")
+    (out / "eval.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
 
 
 def loo_vae(cfg: VAEConfig, out_dir: str | Path | None = None, *,
