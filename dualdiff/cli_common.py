@@ -103,8 +103,11 @@ def add_run_options(parser: argparse.ArgumentParser, config_cls: type, *,
     elif out_dir == "required":
         parser.add_argument("--out-dir", default=None, metavar="DIR", help="output folder (required)")
     elif out_dir == "optional":
+        where = (f"default {default_out_dir}" if default_out_dir is not None
+                 else f"default: the folder of the run given by {run_input}" if run_input
+                 else "optional")
         parser.add_argument("--out-dir", default=default_out_dir, metavar="DIR",
-                            help=f"output folder (default {default_out_dir})")
+                            help=f"output folder ({where})")
     parser.add_argument("--config", default=None, metavar="FILE.yaml",
                         help=f"YAML file of {config_cls.__name__} keys")
     if resume:

@@ -35,10 +35,11 @@ Outputs of :func:`train_vae` under ``out_dir``: the Trainer's ``metrics.jsonl`` 
 ``recon_step_<N>/grid.png`` (every ``train.eval_every`` steps: validation inputs on top,
 reconstructions below), ``recon_final/grid.png``, ``metrics.json`` (validation and test
 metrics: PSNR, SSIM, high-pass error, active units, accuracy per environment),
-``training.png`` (loss terms and β).
+``training.png`` (loss terms and β). :func:`evaluate_vae_run` (``dualdiff vae eval``) scores a
+finished run again (``eval.json``, ``eval_recon/grid.png``).
 
-Size (over ~500 lines): KL annealing, config, loss, evaluation and the train / loo / sweep /
-demo entry points; the image metrics are in :mod:`dualdiff.metrics.image`.
+Size (over ~500 lines): KL annealing, config, loss, evaluation and the train / eval / loo /
+sweep / demo entry points; the image metrics are in :mod:`dualdiff.metrics.image`.
 """
 from __future__ import annotations
 
