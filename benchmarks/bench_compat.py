@@ -1,6 +1,9 @@
 """dualdiff.compat swaps side by side with the modules they replace, forward + backward.
 
     python benchmarks/bench_compat.py [--iters 20]       # table with ratios (CPU, or CUDA if present)
+
+The table's sides alternate call by call (:func:`time_pair`): ``speed-up`` is the ratio of the
+medians, ``paired`` the median of the per-call ratios.
     pytest benchmarks/bench_compat.py --benchmark-only   # pytest-benchmark, one row per (case, side)
 
 Cases, at the public code's shapes:
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 from typing import Callable
 
@@ -131,34 +135,51 @@ def test_compat_swap(benchmark, case, side):
     benchmark(fn)
 
 
-def _time(fn: Callable[[], None], device: torch.device, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    samples = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        samples.append(time.perf_counter() - t)
-    samples.sort()
-    return samples[len(samples) // 2]
+def time_pair(replaced: Callable[[], None], ours: Callable[[], None], device: torch.device,
+              iters: int) -> tuple[float, float, float]:
+    """Seconds per call of each side (median over ``iters`` calls) and the median of the
+    per-iteration ratio replaced / ours. The sides alternate (A B, then B A, ...) after 3 warm-up
+    calls each, so a drifting load hits both alike."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    fns = {"replaced": replaced, "ours": ours}
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
+    sync()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for i in range(iters):
+        for name in (("replaced", "ours") if i % 2 == 0 else ("ours", "replaced")):
+            t = time.perf_counter()
+            fns[name]()
+            sync()
+            samples[name].append(time.perf_counter() - t)
+    ratio = statistics.median(a / b for a, b in zip(samples["replaced"], samples["ours"]))
+    return statistics.median(samples["replaced"]), statistics.median(samples["ours"]), ratio
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--cases", default=",".join(PAIRS))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = _device()
     print(f"device {device}, torch threads {torch.get_num_threads()}, sizes {_sizes(device)}")
-    print(f"{'case':6s} {'replaced ms':>12s} {'dualdiff ms':>12s} {'speed-up':>9s}")
+    print(f"{'case':6s} {'replaced ms':>12s} {'dualdiff ms':>12s} {'speed-up':>9s} {'paired':>7s}")
     for case in args.cases.split(","):
         theirs, ours = PAIRS[case][0](device)
-        a, b = _time(theirs, device, args.iters), _time(ours, device, args.iters)
-        print(f"{case:6s} {a * 1e3:12.3f} {b * 1e3:12.3f} {a / b:8.2f}x")
+        a, b, paired = time_pair(theirs, ours, device, args.iters)
+        print(f"{case:6s} {a * 1e3:12.3f} {b * 1e3:12.3f} {a / b:8.2f}x {paired:6.2f}x")
+
+
+def test_table_smoke(capsys):
+    """The side-by-side table (main) at smoke sizes: one row per case, positive times and ratios."""
+    for lib in {lib for _, lib in PAIRS.values() if lib is not None}:
+        require(lib)
+    main(["--iters", "2"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [r[0] for r in rows] == list(PAIRS)
+    assert all(float(r[1]) > 0 and float(r[2]) > 0 and r[3].endswith("x") and r[4].endswith("x")
+               for r in rows)
 
 
 if __name__ == "__main__":

@@ -326,6 +326,17 @@ def test_torch_backend_grads_match_unfused():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_torch_backend_keeps_activations_for_backward():
+    """On the torch backend autograd runs through the reference and keeps its activations; only
+    the fused kernels (which save none) take the recomputing backward (_EagerAutograd)."""
+    m = _module(16, 32, "torch")
+    t0, t1 = _timesteps("int", 4)
+    assert "EagerAutograd" not in type(m(t0, t1).grad_fn).__name__
+    fused = _module(16, 32, "triton", device=TDEV)
+    t0, t1 = _timesteps("int", 4, TDEV)
+    assert "EagerAutograd" in type(fused(t0, t1).grad_fn).__name__
+
+
 def test_timesteps_get_no_gradient():
     m = _module(16, 32, "torch")
     t0 = (torch.rand(3) * 10).requires_grad_()
