@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dualdiff.errors import ConfigError
 from dualdiff.experiments.vae import (LEGACY_WEIGHT, VAEConfig, VAELoss, active_units, highpass_error,
                                       image_metrics, kl_anneal_weight, load_vae_model, train_vae)
 
@@ -222,6 +223,11 @@ def test_conv_kl_trains_through_the_experiment(tmp_path):
     assert type(model).__name__ == "ConvKLAutoencoder" and cfg2.model.arch == "conv_kl"
     trained = res["trainer"].model.state_dict()
     assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
+    # vae eval rebuilds data from the config: it refuses a run trained on data given in Python
+    from dualdiff.experiments.vae import evaluate_vae_run
+
+    with pytest.raises(ConfigError, match=r"trained on data passed to train_vae\(data=...\)"):
+        evaluate_vae_run(tmp_path)
 
 
 # ----------------------------------------------------------------------------- CLI errors
@@ -322,6 +328,22 @@ def test_eval_refuses_keys_it_would_ignore(tmp_path, capsys, args, match):
     assert rc == 2 and len(err) == 1 and err[0].startswith("dualdiff: error: "), err
     assert re.search(match, err[0]), err[0]
     assert not (tmp_path / "run" / "eval.json").exists()
+
+
+def test_eval_refuses_data_that_is_not_the_runs(tmp_path, capsys):
+    import json
+
+    from dualdiff.cli import main
+
+    train_vae(_small(tmp_path, steps=1), tmp_path / "run")
+    info = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert info["data"] == "config" and info["train_images"] == 32  # 4 environments x 8 (80 % of 10)
+    info["train_images"] = 31  # as if files under data.path had changed since training
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps(info))
+    capsys.readouterr()
+    assert main(["vae", "eval", "--checkpoint", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has 32 training images, but the run trained on 31" in err[0]
 
 
 def test_eval_needs_a_run(tmp_path, capsys):

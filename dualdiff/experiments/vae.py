@@ -630,7 +630,8 @@ def train_vae(cfg: VAEConfig, out_dir: str | Path | None = None, *, resume: bool
     finally:
         trainer.close()
     m = trainer.ema_model
-    metrics: dict[str, Any] = {"step": trainer.step, "train_images": len(split.train)}
+    metrics: dict[str, Any] = {"step": trainer.step, "train_images": len(split.train),
+                               "data": "config" if data is None else "given"}
     metrics["val"] = evaluate_vae(m, ds, split.val, device=trainer.device, batch_size=cfg.train.batch_size,
                                   max_images=cfg.eval_images, seed=cfg.data.seed)
     if split.test:
@@ -696,14 +697,24 @@ def evaluate_vae_run(checkpoint: str | Path, out_dir: str | Path | None = None, 
     if bad:
         raise ConfigError(f"vae eval scores the run's own held-out images with its trained model: "
                           f"{', '.join(bad)} cannot change (eval reads {', '.join(EVAL_KEYS)})")
+    ckpt = run.path
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    trained = json.loads((run_dir / "metrics.json").read_text()) \
+        if (run_dir / "metrics.json").is_file() else {}
+    if trained.get("data") == "given":
+        raise ConfigError(f"{str(run_dir)!r} trained on data passed to train_vae(data=...) (e.g. the "
+                          "ldm autoencoder's tiles); vae eval rebuilds the data from the run's config, "
+                          "so it cannot score this run: evaluate it with the command that trained it")
     device = default_device(cfg.train.device)
     ds, split, test_env = build_vae_data(cfg.data, cfg.model.image_size)
+    if "train_images" in trained and trained["train_images"] != len(split.train):
+        raise ConfigError(f"the data rebuilt from the run's config has {len(split.train)} training "
+                          f"images, but the run trained on {trained['train_images']}: not the run's "
+                          f"data (moved or changed files under data.path?)")
     weights = run.state["ema"]["model"] if run.state.get("ema") else run.state["model"]
     n_cls = weights["classifier.weight"].shape[0] if "classifier.weight" in weights else len(ds.classes)
     model = load_weights(build_vae_model(cfg.model, n_cls), run, ema=True).to(device).eval()
-    ckpt = run.path
-    out = Path(out_dir) if out_dir is not None else \
-        (ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent)
+    out = Path(out_dir) if out_dir is not None else run_dir
     out.mkdir(parents=True, exist_ok=True)
     kw = dict(device=device, batch_size=cfg.train.batch_size, max_images=cfg.eval_images,
               seed=cfg.data.seed)
