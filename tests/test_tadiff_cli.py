@@ -72,6 +72,9 @@ def test_make_data_sweep_eval_plot(tmp_path, capsys):
     assert (tmp_path / "ev" / "eval.json").is_file()
     assert "cannot change" in _error(capsys, ["tadiff", "eval", "--checkpoint", str(sweep / "fixed"),
                                               "model.base_channels=16"])
+    # nor the keys that choose the validation patients (another split could score training ones)
+    assert "['data.val_patients'] cannot change" in _error(
+        capsys, ["tadiff", "eval", "--checkpoint", str(sweep / "fixed"), "data.val_patients=2"])
     # a finished sweep resumes without retraining
     assert main(["tadiff", "sweep", "--out-dir", str(sweep), *common, "schedules=fixed,learnable", "--resume"]) == 0
     assert "already trained" in capsys.readouterr().out

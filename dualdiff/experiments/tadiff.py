@@ -624,9 +624,10 @@ def evaluate_tadiff(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | 
 
     ``checkpoint``: file or run directory (:func:`dualdiff.experiments.run.load_run`). The
     stored config is used, or ``config`` (the stored one with the CLI's ``--config`` /
-    ``key=value`` applied), with ``overrides`` (``key=value``) of its evaluation and data keys
-    (``model.*``, ``schedule``, ``lambda_combine``, ``lambda_sessions`` and ``learnable_bins`` describe the
-    trained model and cannot change). ``device``: None = the config's ``train.device``.
+    ``key=value`` applied), with ``overrides`` (``key=value``) of its evaluation keys and
+    ``data.path`` / ``data.verify`` / ``data.skip_bad`` (``model.*``, ``schedule``, ``lambda_combine``,
+    ``lambda_sessions`` and ``learnable_bins`` describe the trained model, the other ``data.*`` keys
+    choose the validation patients: they cannot change). ``device``: None = the config's ``train.device``.
     Writes ``eval.json`` and ``samples.pt`` to ``out_dir`` (default: the run directory) and
     returns the result dict.
     """
@@ -642,6 +643,12 @@ def evaluate_tadiff(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | 
                if getattr(cfg, k) != getattr(stored, k)]
     if changed:
         raise ConfigError(f"eval cannot change the trained model's keys: {changed}")
+    # the validation patients are the run's (a changed split could score training patients)
+    split = [f"data.{k}" for k in ("source", "num_patients", "val_patients", "sessions", "depth", "seed")
+             if getattr(cfg.data, k) != getattr(stored.data, k)]
+    if split:
+        raise ConfigError(f"eval scores the run's own validation patients: {split} cannot change "
+                          "(data.path, data.verify and data.skip_bad can)")
     device = str(default_device(device if device is not None else cfg.train.device))
     model = load_weights(build_tadiff_model(stored), run, ema=True).to(device).eval()
     ckpt = run.path
