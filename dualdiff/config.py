@@ -51,6 +51,8 @@ __all__ = [
     "dump_yaml",
     "describe",
     "valid_keys",
+    "changed_keys",
+    "refuse_changes",
 ]
 
 _NONE_STRINGS = {"none", "null", "~"}
@@ -107,6 +109,29 @@ def valid_keys(cls: type, prefix: str = "") -> list[str]:
         else:
             out.append(prefix + name)
     return out
+
+
+def changed_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the leaf fields where the config dataclasses ``a`` and ``b`` differ."""
+    out = []
+    for f in dataclasses.fields(a):
+        va, vb = getattr(a, f.name), getattr(b, f.name)
+        if dataclasses.is_dataclass(va) and dataclasses.is_dataclass(vb):
+            out += changed_keys(va, vb, f"{prefix}{f.name}.")
+        elif va != vb:
+            out.append(f"{prefix}{f.name}")
+    return out
+
+
+def refuse_changes(stored: Any, cfg: Any, allowed: Sequence[str], what: str) -> None:
+    """Raise a ConfigError naming every key where ``cfg`` differs from a finished run's
+    ``stored`` config, other than ``allowed`` (dotted keys; ``"section."`` allows a whole
+    section). ``what``: why the others cannot change, for the message."""
+    bad = [k for k in changed_keys(stored, cfg)
+           if not any(k == a or (a.endswith(".") and k.startswith(a)) for a in allowed)]
+    if bad:
+        raise ConfigError(f"{what}: {', '.join(bad)} cannot change (this command reads "
+                          f"{', '.join(allowed)})")
 
 
 def describe(cls: type, prefix: str = "") -> str:

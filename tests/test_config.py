@@ -146,3 +146,30 @@ def test_required_fields_and_valid_keys():
     assert from_dict(Req, {"path": "a"}).path == "a"
     keys = valid_keys(Exp)
     assert "train.lr" in keys and "model.width" in keys and "train" not in keys
+
+
+def test_changed_keys_and_refuse_changes():
+    import dataclasses
+
+    from dualdiff.config import ConfigError, changed_keys, refuse_changes
+    from dualdiff.train import TrainConfig
+
+    @dataclasses.dataclass
+    class Inner:
+        a: int = 1
+        b: str = "x"
+
+    @dataclasses.dataclass
+    class Outer:
+        inner: Inner = dataclasses.field(default_factory=Inner)
+        train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+        c: float = 0.5
+
+    base = Outer()
+    other = Outer(inner=Inner(a=2), c=0.25)
+    other.train.lr = 1.0
+    assert changed_keys(base, Outer()) == []
+    assert changed_keys(base, other) == ["inner.a", "train.lr", "c"]
+    refuse_changes(base, other, ["inner.", "train.lr", "c"], "why")  # all allowed
+    with pytest.raises(ConfigError, match=r"^why: inner.a, c cannot change \(this command reads train.lr\)$"):
+        refuse_changes(base, other, ["train.lr"], "why")

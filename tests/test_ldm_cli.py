@@ -99,3 +99,29 @@ def test_encode_rejects_keys_it_does_not_read(key, capsys):
     with pytest.raises(SystemExit) as done:  # --show-config prints and exits 0
         main(["ldm", "encode", "--out-dir", "runs/never-made", "train.batch_size=4", "--show-config"])
     assert done.value.code in (0, None) and "train.batch_size: int = " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("override, refused", [
+    ("objective=pred_noise", "objective"),              # how the network's output is read
+    ("timesteps=500", "timesteps"),
+    ("loss_weighting=min_snr", "loss_weighting"),       # training only: would be ignored
+    ("cond_drop_prob=0.1", "cond_drop_prob"),
+    ("data.test_fraction=0.5", "data.test_fraction"),   # another test split
+    ("ae.kl_weight=1e-3", "ae.kl_weight"),              # the autoencoder that made the latents
+    ("train.lr=1e-3", "train.lr"),
+])
+def test_sample_and_eval_refuse_keys_that_made_the_run(override, refused, monkeypatch, tmp_path):
+    """`ldm sample` / `eval` take sampling and evaluation keys (and where things are now); a key
+    that made the run, or acts only in training, is one ConfigError naming it, never ignored."""
+    import dualdiff.experiments.ldm as ldm
+    from dualdiff.errors import ConfigError
+
+    stored = ldm.LDMConfig.from_name("tiny")
+    monkeypatch.setattr(ldm, "load_ldm", lambda out, **kw: (torch.nn.Linear(1, 1), stored))
+    _, cfg = ldm._load_run(tmp_path, ["cond_scale=3", "eval_samples=2", "train.seed=5",
+                                      f"data.path={tmp_path}"], None)
+    assert (cfg.cond_scale, cfg.eval_samples, cfg.train.seed) == (3.0, 2, 5)
+    with pytest.raises(ConfigError, match=rf"{refused} cannot change"):
+        ldm._load_run(tmp_path, [override], None)
+    with pytest.raises(ConfigError, match=rf"{refused} cannot change"):
+        ldm.sample_ldm(tmp_path, [override])

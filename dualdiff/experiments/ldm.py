@@ -647,20 +647,29 @@ def _requests(test_cache, n: int) -> tuple[Tensor, list[int]]:
     return test_cache.dist[pick], pick
 
 
+#: what ``sample`` / ``eval`` may change in a run's stored config: sampling and evaluation keys,
+#: the seed and device, and where the data and autoencoder are now. The rest made the run (the
+#: model, its diffusion and objective, the autoencoder that made the latents, the test split) or
+#: only acts in training (loss weighting, cond_drop_prob).
+SAMPLE_KEYS = ("sampling_timesteps", "ddim_eta", "cond_scale", "rescaled_phi", "remove_parallel",
+               "keep_parallel_frac", "num_samples", "eval_cond_scales", "eval_rescaled_phis",
+               "eval_requests", "eval_samples", "eval_loss_batches", "train.seed", "train.device",
+               "train.out_dir", "data.path", "data.verify", "data.skip_bad", "ae.path")
+
+
 def _load_run(out: Path, overrides: list[str] | None, device: str | None,
               config: LDMConfig | None = None) -> tuple[nn.Module, LDMConfig]:
     """The trained model (EMA) and its config (or ``config``, the stored one with the CLI's
-    options applied) with ``key=value`` overrides (e.g. cond_scale=6)."""
-    from dualdiff.config import apply_overrides
+    options applied) with ``key=value`` overrides (e.g. cond_scale=6); a change to a key outside
+    :data:`SAMPLE_KEYS` is a ConfigError."""
+    from dualdiff.config import apply_overrides, refuse_changes
 
-    model, cfg = load_ldm(out)
-    if config is not None:
-        if config.model != cfg.model:
-            raise ConfigError("sample / eval cannot change the trained model's keys (model.*)")
-        cfg = config
+    model, stored = load_ldm(out)
+    cfg = stored if config is None else config
     ov = list(overrides or []) + ([f"train.device={device}"] if device else [])
     if ov:
         cfg = apply_overrides(cfg, ov)
+    refuse_changes(stored, cfg, SAMPLE_KEYS, "sample / eval use the trained run as it was made")
     return model.to(_device(cfg)), cfg
 
 

@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dualdiff.config import refuse_changes
 from dualdiff.errors import ConfigError
 from dualdiff.experiments.run import apply_run_flags, check_resume, from_name, load_run, load_weights
 from dualdiff.metrics.image import active_units, highpass_error, image_metrics
@@ -666,18 +667,6 @@ EVAL_KEYS = ("eval_images", "recon_images", "data.path", "data.verify", "data.sk
              "train.batch_size", "train.device")
 
 
-def _changed_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
-    """Dotted names of the leaf fields where the dataclass configs ``a`` and ``b`` differ."""
-    out = []
-    for f in dataclasses.fields(a):
-        va, vb = getattr(a, f.name), getattr(b, f.name)
-        if dataclasses.is_dataclass(va) and dataclasses.is_dataclass(vb):
-            out += _changed_keys(va, vb, f"{prefix}{f.name}.")
-        elif va != vb:
-            out.append(f"{prefix}{f.name}")
-    return out
-
-
 def evaluate_vae_run(checkpoint: str | Path, out_dir: str | Path | None = None, *,
                      config: VAEConfig | None = None) -> dict[str, Any]:
     """Score a finished :func:`train_vae` run again (EMA weights, z = mu): the validation images
@@ -693,10 +682,8 @@ def evaluate_vae_run(checkpoint: str | Path, out_dir: str | Path | None = None, 
 
     run = load_run(checkpoint, VAEConfig, writer="train_vae")
     cfg = run.config if config is None else config
-    bad = [k for k in _changed_keys(run.config, cfg) if k not in EVAL_KEYS]
-    if bad:
-        raise ConfigError(f"vae eval scores the run's own held-out images with its trained model: "
-                          f"{', '.join(bad)} cannot change (eval reads {', '.join(EVAL_KEYS)})")
+    refuse_changes(run.config, cfg, EVAL_KEYS,
+                   "vae eval scores the run's own held-out images with its trained model")
     ckpt = run.path
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     trained = json.loads((run_dir / "metrics.json").read_text()) \
