@@ -73,8 +73,12 @@ def test_make_data_sweep_eval_plot(tmp_path, capsys):
     assert "cannot change" in _error(capsys, ["tadiff", "eval", "--checkpoint", str(sweep / "fixed"),
                                               "model.base_channels=16"])
     # nor the keys that choose the validation patients (another split could score training ones)
-    assert "['data.val_patients'] cannot change" in _error(
+    assert "data.val_patients cannot change" in _error(
         capsys, ["tadiff", "eval", "--checkpoint", str(sweep / "fixed"), "data.val_patients=2"])
+    # nor the noise schedule or loss the model was trained with, nor a key eval would ignore
+    for key in ("beta_end=0.01", "lambda0=0.1", "schedules=[fixed]", "train.lr=1e-3"):
+        assert f"{key.split('=')[0]} cannot change" in _error(
+            capsys, ["tadiff", "eval", "--checkpoint", str(sweep / "fixed"), key]), key
     # a finished sweep resumes without retraining
     assert main(["tadiff", "sweep", "--out-dir", str(sweep), *common, "schedules=fixed,learnable", "--resume"]) == 0
     assert "already trained" in capsys.readouterr().out

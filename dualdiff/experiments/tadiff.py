@@ -617,6 +617,15 @@ def sample_metrics(samples: dict[str, torch.Tensor], batch: dict) -> dict[str, f
     return out
 
 
+#: what ``tadiff eval`` may change in a run's stored config: the evaluation keys, the batch size,
+#: device and run folder, and where the patients are now. The rest made the run (the model, its
+#: noise schedule, λ(t) and loss) or chooses the validation patients (a changed split could score
+#: patients the run trained on).
+EVAL_KEYS = ("eval_batches", "eval_t_points", "sample_cases", "num_samples", "sample_steps", "sampler",
+             "eval_seed", "train.batch_size", "train.device", "train.out_dir", "train.resume",
+             "data.path", "data.verify", "data.skip_bad")
+
+
 def evaluate_tadiff(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
                     overrides: list[str] | None = None, config: TaDiffConfig | None = None, datasets=None,
                     device: str | None = None, verbose: bool = True) -> dict:
@@ -624,14 +633,12 @@ def evaluate_tadiff(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | 
 
     ``checkpoint``: file or run directory (:func:`dualdiff.experiments.run.load_run`). The
     stored config is used, or ``config`` (the stored one with the CLI's ``--config`` /
-    ``key=value`` applied), with ``overrides`` (``key=value``) of its evaluation keys and
-    ``data.path`` / ``data.verify`` / ``data.skip_bad`` (``model.*``, ``schedule``, ``lambda_combine``,
-    ``lambda_sessions`` and ``learnable_bins`` describe the trained model, the other ``data.*`` keys
-    choose the validation patients: they cannot change). ``device``: None = the config's ``train.device``.
+    ``key=value`` applied), with ``overrides`` (``key=value``); a change to a key outside
+    :data:`EVAL_KEYS` is a ConfigError. ``device``: None = the config's ``train.device``.
     Writes ``eval.json`` and ``samples.pt`` to ``out_dir`` (default: the run directory) and
     returns the result dict.
     """
-    from dualdiff.config import apply_overrides
+    from dualdiff.config import apply_overrides, refuse_changes
     from dualdiff.train.distributed import default_device
 
     run = load_run(checkpoint, TaDiffConfig, writer="train_tadiff")
@@ -639,16 +646,7 @@ def evaluate_tadiff(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | 
     cfg = copy.deepcopy(config) if config is not None else stored
     if overrides:
         cfg = apply_overrides(cfg, list(overrides))
-    changed = [k for k in ("model", "schedule", "lambda_combine", "lambda_sessions", "learnable_bins")
-               if getattr(cfg, k) != getattr(stored, k)]
-    if changed:
-        raise ConfigError(f"eval cannot change the trained model's keys: {changed}")
-    # the validation patients are the run's (a changed split could score training patients)
-    split = [f"data.{k}" for k in ("source", "num_patients", "val_patients", "sessions", "depth", "seed")
-             if getattr(cfg.data, k) != getattr(stored.data, k)]
-    if split:
-        raise ConfigError(f"eval scores the run's own validation patients: {split} cannot change "
-                          "(data.path, data.verify and data.skip_bad can)")
+    refuse_changes(stored, cfg, EVAL_KEYS, "eval scores the trained run on its own validation patients")
     device = str(default_device(device if device is not None else cfg.train.device))
     model = load_weights(build_tadiff_model(stored), run, ema=True).to(device).eval()
     ckpt = run.path
