@@ -653,10 +653,15 @@ def load_vae_model(path: str | Path, *, ema: bool = True, map_location: Any = "c
     newest checkpoint), e.g. the ``conv_kl`` autoencoder for latent diffusion. Loads with
     ``weights_only=True``, the EMA weights when ``ema`` and present; the model in eval mode."""
     run = load_run(path, VAEConfig, writer="train_vae", map_location=map_location)
+    return _model_of_run(run, ema), run.config
+
+
+def _model_of_run(run, ema: bool = True) -> nn.Module:
+    """The model of a loaded :func:`train_vae` run (EMA weights when ``ema`` and present), in
+    eval mode; the classifier's size comes from its weights."""
     weights = run.state["ema"]["model"] if ema and run.state.get("ema") else run.state["model"]
     n_cls = weights["classifier.weight"].shape[0] if "classifier.weight" in weights else 5
-    model = load_weights(build_vae_model(run.config.model, n_cls), run, ema=ema)
-    return model.eval(), run.config
+    return load_weights(build_vae_model(run.config.model, n_cls), run, ema=ema).eval()
 
 
 #: what ``vae eval`` may change in a run's stored config: where the images are read and how many
@@ -698,9 +703,7 @@ def evaluate_vae_run(checkpoint: str | Path, out_dir: str | Path | None = None, 
         raise ConfigError(f"the data rebuilt from the run's config has {len(split.train)} training "
                           f"images, but the run trained on {trained['train_images']}: not the run's "
                           f"data (moved or changed files under data.path?)")
-    weights = run.state["ema"]["model"] if run.state.get("ema") else run.state["model"]
-    n_cls = weights["classifier.weight"].shape[0] if "classifier.weight" in weights else len(ds.classes)
-    model = load_weights(build_vae_model(cfg.model, n_cls), run, ema=True).to(device).eval()
+    model = _model_of_run(run).to(device)
     out = Path(out_dir) if out_dir is not None else run_dir
     out.mkdir(parents=True, exist_ok=True)
     kw = dict(device=device, batch_size=cfg.train.batch_size, max_images=cfg.eval_images,

@@ -98,11 +98,11 @@ def all_gather_object(obj: Any) -> list[Any]:
 def cleanup_distributed(wait: bool = True) -> None:
     """Tear down the process group: a barrier, then destroy it (no-op in a single process).
 
-    ``wait=False`` skips the barrier (on an error path, where the other ranks may never
-    reach it, or reach a different one). The barrier keeps a rank from closing its connections while another is still inside a
-    collective. Drop every object holding the group (a ``Trainer``'s DDP wrapper) first: the
-    ``gc.collect()`` here then frees it while the interpreter is fully alive; a gloo group
-    freed later, at interpreter shutdown, can abort the process (SIGABRT).
+    The barrier keeps a rank from closing its connections while another is still inside a
+    collective; ``wait=False`` skips it (on an error path, where the other ranks may never reach
+    it, or reach a different one). Drop every object holding the group (a ``Trainer``'s DDP
+    wrapper) first: the ``gc.collect()`` here then frees it while the interpreter is fully
+    alive; a gloo group freed later, at interpreter shutdown, can abort the process (SIGABRT).
     """
     if is_distributed():
         if wait:
